@@ -16,7 +16,6 @@ COMMAND_MODULES = [
     "kosmos2.train",  # train
     "kosmos2.data.grit_cli",  # grit build
     "kosmos2.eval.cli",  # eval refcoco | flickr30k | synthetic
-    "kosmos2.server.cli",  # serve
 ]
 
 
@@ -29,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:  # an area not built yet
-            if e.name != name:
+            if not (e.name and (name == e.name or name.startswith(e.name + "."))):
                 raise
             continue
         module.register(subparsers)
