@@ -53,6 +53,8 @@ from tokenizers import (
     trainers,
 )
 
+from kosmos2.grounding import GRID, TAG_TOKENS, patch_token
+
 if TYPE_CHECKING:
     import torch
 
@@ -63,22 +65,10 @@ SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 
 BOS, PAD, EOS, UNK, MASK = "<s>", "<pad>", "</s>", "<unk>", "<mask>"
 FAIRSEQ_SPECIALS = (BOS, PAD, EOS, UNK)  # ids 0, 1, 2, 3 in fairseq's dictionary
-# The order fixes the ids: Kosmos-2 appended these after <mask>.
-TAG_TOKENS = (
-    "</doc>",
-    "<image>",
-    "</image>",
-    "</chunk>",
-    "</line>",
-    "<phrase>",
-    "</phrase>",
-    "<object>",
-    "</object>",
-    "</delimiter_of_multi_objects/>",
-    "<grounding>",
-)
-NUM_PATCH_TOKENS = 1024  # a 32 x 32 grid, always (SPEC §4)
-PATCH_TOKENS = tuple(f"<patch_index_{i:04d}>" for i in range(NUM_PATCH_TOKENS))
+# The tag tokens, in the order that fixes their ids (Kosmos-2 appended them after <mask>), and the location
+# tokens: both defined once, in the markup module.
+NUM_PATCH_TOKENS = GRID * GRID  # a 32 x 32 grid, always (SPEC §4)
+PATCH_TOKENS = tuple(patch_token(i) for i in range(NUM_PATCH_TOKENS))
 MODEL_MAX_LENGTH = 2048  # the decoder's position table (text_config.max_position_embeddings)
 IGNORE_INDEX = -100  # targets the loss skips (torch's cross_entropy default)
 
