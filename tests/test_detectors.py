@@ -110,7 +110,7 @@ def test_precomputed_matches_phrases_by_text_and_index(tmp_path):
         ("{not json", "not valid JSON"),
         ('{"detections": []}', "expected"),
         ('{"key": "a", "detections": [{"phrase": "x", "box": [0, 0, 1], "score": 0.5}]}', "4 numbers"),
-        ('{"key": "a", "detections": [{"phrase": "x", "box": [0, 0, 640, 480], "score": 0.5}]}', "normalised"),
+        ('{"key": "a", "detections": [{"phrase": "x", "box": [0, 0, 64, 48], "score": 0.5}]}', "normalised"),
         ('{"key": "a", "detections": [{"phrase": "x", "box": [0, 0, 1, 1], "score": 2}]}', "score"),
         ('{"key": "a", "detections": [{"box": [0, 0, 1, 1], "score": 0.5}]}', "phrase"),
     ],
@@ -192,19 +192,21 @@ def test_grounding_dino_matches_transformers_post_processing(grounding_dino_dir)
     assert [len(f) for f in found] == [num_queries, num_queries]  # min_score 0: every query
     _check_ranges(found, phrases)
 
-    # The reference: transformers' processor, model and post-processing on the same batch. Our score for a query
-    # is its best probability over the tokens of phrases, so the reference sees logits with every other token
-    # (specials, the "." separators) masked out; its max over tokens is then our score, and its label (the
-    # tokens above a text threshold just under the score) is the text of the winning token.
+    # The reference: transformers' processor, model and post-processing on the same batch. Our score for a
+    # query is its best probability over the tokens of phrases, so the reference sees logits with every other
+    # token (specials, the "." separators) masked out; its max over tokens is then our score, and its label
+    # (the tokens above a text threshold just under the score) is the text of the winning token.
     processor = AutoProcessor.from_pretrained(grounding_dino_dir)
     model = GroundingDinoForObjectDetection.from_pretrained(grounding_dino_dir).eval()
-    inputs = processor(images=images, text=["a red dog. the cat.", "a man."], return_tensors="pt", padding=True)
+    prompts = ["a red dog. the cat.", "a man."]
+    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
         outputs = model(**inputs)
     ids = inputs["input_ids"]
     not_phrase = (ids == 101) | (ids == 102) | (ids == 1012) | (ids == 0)  # [CLS] [SEP] "." [PAD]
     logits = outputs.logits.clone()
-    logits[:, :, : ids.shape[1]] = logits[:, :, : ids.shape[1]].masked_fill(not_phrase[:, None, :], -torch.inf)
+    T = ids.shape[1]
+    logits[:, :, :T] = logits[:, :, :T].masked_fill(not_phrase[:, None, :], -torch.inf)
     outputs.logits = logits
     for b, image in enumerate(images):
         w, h = image.size
@@ -251,7 +253,9 @@ def test_owlv2_matches_transformers_post_processing(owlv2_dir):
 
     processor = AutoProcessor.from_pretrained(owlv2_dir)
     model = Owlv2ForObjectDetection.from_pretrained(owlv2_dir).eval()
-    inputs = processor(text=phrases, images=images, return_tensors="pt", padding="max_length", truncation=True)
+    inputs = processor(
+        text=phrases, images=images, return_tensors="pt", padding="max_length", truncation=True
+    )
     with torch.no_grad():
         outputs = model(**inputs)
     sizes = [(im.size[1], im.size[0]) for im in images]
@@ -260,7 +264,8 @@ def test_owlv2_matches_transformers_post_processing(owlv2_dir):
         w, h = image.size
         ref = reference[b]
         assert [p for p, _, _ in found[b]] == ref["labels"].tolist()
-        torch.testing.assert_close(torch.tensor([s for _, _, s in found[b]]), ref["scores"], rtol=0, atol=1e-6)
+        scores = torch.tensor([s for _, _, s in found[b]])
+        torch.testing.assert_close(scores, ref["scores"], rtol=0, atol=1e-6)
         # transformers gives pixels of the image (scaled by the padded square's side); ours are normalised
         pixels = torch.tensor([box for _, box, _ in found[b]]) * torch.tensor([w, h, w, h])
         clipped = torch.minimum(ref["boxes"].clamp(min=0), torch.tensor([w, h, w, h], dtype=torch.float32))

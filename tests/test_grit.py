@@ -90,7 +90,7 @@ def _make_input(directory: Path, n_extra: int = 0) -> Path:
 
 
 def _make_detections(path: Path, keys) -> Path:
-    """Detections for pairs 0 and 4 (each key of `keys` gets pair 0's when it is a copy) and a weak one for 1."""
+    """Detections for pair 0 (under each of `keys`: copies of pair 0), pair 4, and a weak one for pair 1."""
     lines = []
     for key in keys:
         lines.append(
@@ -168,8 +168,8 @@ def test_precomputed_build_writes_released_schema_and_values(tmp_path, small_inp
             "height": 48,
             "clip_similarity_vitb32": None,
             "clip_similarity_vitl14": None,
-            # [start, end, x1, y1, x2, y2, score]: "A dog" and "flowers"; "a field" lost to NMS, the 0.5 dog box
-            # to the threshold
+            # [start, end, x1, y1, x2, y2, score]: "A dog" and "flowers"; "a field" lost to NMS, the 0.5 dog
+            # box to the threshold
             "noun_chunks": [[0.0, 5.0, 0.1, 0.2, 0.5, 0.6, 0.9], [20.0, 27.0, 0.0, 0.5, 1.0, 1.0, 0.7]],
             # parallel: "A dog in a field of flowers" and "flowers", still nested
             "ref_exps": [[0.0, 27.0, 0.1, 0.2, 0.5, 0.6, 0.9], [20.0, 27.0, 0.0, 0.5, 1.0, 1.0, 0.7]],
