@@ -1,0 +1,319 @@
+"""`kosmos2 eval refcoco | flickr30k | synthetic`: thin subcommands over the evaluation functions.
+
+Each handler loads the annotations, builds the predictor, and calls the typed function of the dataset's module
+(refcoco.evaluate_rec / evaluate_reg, flickr30k.evaluate_grounding / evaluate_captions, synthetic.evaluate),
+which writes metrics.json, records.jsonl, report.md, plots and samples.png under --out. Heavy modules (torch,
+the predictor) are imported only when a handler runs. docs/EVAL.md says where to get each dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+REFCOCO_DATASETS = ("refcoco", "refcoco+", "refcocog")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `eval` with its three subcommands to the top-level parser."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate on RefCOCO/+/g, Flickr30k Entities or the synthetic world",
+        description="Benchmarks with the official Kosmos-2 protocols (docs/EVAL.md).",
+    )
+    sub = parser.add_subparsers(dest="eval_command", metavar="BENCHMARK")
+    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+
+    p = sub.add_parser(
+        "refcoco",
+        help="referring expressions: REC accuracy (first/any/mean box) or REG (CIDEr, METEOR)",
+        description="RefCOCO, RefCOCO+ (UNC splits) and RefCOCOg (UMD splits), from refer's pickles or "
+        "MDETR's json files.",
+    )
+    p.add_argument("--dataset", choices=REFCOCO_DATASETS, default="refcoco")
+    p.add_argument("--splits", nargs="+", help="default: all evaluation splits (val testA testB / val test)")
+    p.add_argument(
+        "--refer-dir", type=Path, help="refer's data/ folder (refcoco/refs(unc).p, instances.json, ...)"
+    )
+    p.add_argument(
+        "--mdetr-dir", type=Path, help="MDETR's mdetr_annotations/ (finetune_<dataset>_<split>.json)"
+    )
+    p.add_argument(
+        "--images", type=Path, required=True, help="COCO train2014 images (or their parent folder)"
+    )
+    p.add_argument("--task", choices=("rec", "reg"), default="rec")
+    _text_metrics(p)
+    _common(p)
+    p.set_defaults(func=run_refcoco)
+
+    p = sub.add_parser(
+        "flickr30k",
+        help="Flickr30k Entities phrase grounding (R@1/5/10 by phrase type) or captioning (CIDEr, METEOR)",
+        description="Flickr30k Entities from the official Annotations/Sentences folder, MDETR's "
+        "final_flickr_separateGT_<split>.json, or both (queries from MDETR, ground truth from the folder, as "
+        "the official evaluation).",
+    )
+    p.add_argument("--splits", nargs="+", default=["val", "test"], choices=("train", "val", "test"))
+    p.add_argument(
+        "--entities-dir", type=Path, help="flickr30k_entities folder (Annotations/, Sentences/, val.txt)"
+    )
+    p.add_argument(
+        "--mdetr-dir", type=Path, help="MDETR's mdetr_annotations/ (final_flickr_separateGT_<split>.json)"
+    )
+    p.add_argument("--images", type=Path, required=True, help="flickr30k-images folder (<id>.jpg)")
+    p.add_argument("--task", choices=("grounding", "caption"), default="grounding")
+    p.add_argument("--caption-prompt", default="An image of", help="captioning prompt (default: %(default)r)")
+    _text_metrics(p)
+    _common(p)
+    p.set_defaults(func=run_flickr30k)
+
+    p = sub.add_parser(
+        "synthetic",
+        help="REC and phrase grounding on the synthetic world (the default model's) or a JSONL sample file",
+        description="The synthetic world's fixed evaluation set, or --samples-file (format in docs/EVAL.md).",
+    )
+    p.add_argument("--split", default="test", choices=("test", "compositional", "train"))
+    p.add_argument("--n-per-task", type=int, default=200, help="samples per task (REC, phrase grounding)")
+    p.add_argument("--samples-file", type=Path, help="a JSON Lines file of samples instead of the world")
+    _common(p)
+    p.set_defaults(func=run_synthetic)
+
+
+def _text_metrics(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--text-metrics",
+        nargs="+",
+        default=["CIDEr", "METEOR"],
+        metavar="METRIC",
+        choices=("CIDEr", "METEOR", "BLEU-4", "ROUGE-L"),
+        help="metrics for REG / captions: CIDEr METEOR BLEU-4 ROUGE-L (default: CIDEr METEOR)",
+    )
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and run")
+    g.add_argument("--checkpoint", help="model directory; default: the built-in default model")
+    g.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    g.add_argument("--out", type=Path, required=True, help="output folder (metrics.json, report.md, plots)")
+    g.add_argument(
+        "--cache", type=Path, help="prediction cache (default: OUT/predictions.jsonl); reruns resume"
+    )
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--limit", type=int, help="evaluate only the first N queries of each split (quick runs)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="generation length (default: %(default)s)")
+    g.add_argument(
+        "--num-beams", type=int, help="beam size (default: 1, greedy; 5 for captions as the paper)"
+    )
+    g.add_argument(
+        "--model-id", help="name of the model in cache keys (default: path + file sizes and times)"
+    )
+    g.add_argument(
+        "--samples", type=int, default=16, help="images on the sample sheet (default: %(default)s)"
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def model_id_for(checkpoint: str | os.PathLike | None) -> str:
+    """Cache identity of a model: its resolved path plus a digest of its files' names, sizes and mtimes.
+
+    A checkpoint rewritten in place gets a new id, so stale predictions are never reused. None: the default
+    model's directory ($KOSMOS2_MODEL or the one shipped in the package).
+    """
+    if checkpoint is None:
+        from kosmos2.predictor import default_model_dir
+
+        checkpoint = default_model_dir()
+    path = Path(checkpoint).expanduser().resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"--checkpoint {checkpoint!r}: no such file or folder")
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        digest.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return f"{path}@{digest.hexdigest()[:12]}"
+
+
+def load_predictor(args: argparse.Namespace) -> Any:
+    from kosmos2.predictor import Predictor
+
+    return Predictor.from_pretrained(
+        args.checkpoint, dtype=args.dtype, device=args.device, batch_size=args.batch_size
+    )
+
+
+def generation_settings(args: argparse.Namespace, default_beams: int = 1) -> dict[str, Any]:
+    beams = args.num_beams if args.num_beams is not None else default_beams
+    if args.max_new_tokens < 1 or beams < 1:
+        raise ValueError("--max-new-tokens and --num-beams must be at least 1")
+    return {"max_new_tokens": args.max_new_tokens, "num_beams": beams}
+
+
+def _run_options(args: argparse.Namespace) -> dict[str, Any]:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    return {
+        "model_id": args.model_id or model_id_for(args.checkpoint),
+        "cache": args.cache,
+        "batch_size": args.batch_size,
+        "progress": not args.no_progress,
+    }
+
+
+def _limit(items: list, limit: int | None) -> list:
+    if limit is None:
+        return items
+    if limit < 1:
+        raise ValueError(f"--limit must be a positive number of queries, got {limit}")
+    return items[:limit]
+
+
+def _fail(message: str) -> int:
+    print(f"kosmos2 eval: error: {message}", file=sys.stderr)
+    return 2
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Handlers
+
+
+def run_refcoco(args: argparse.Namespace) -> int:
+    from kosmos2.eval import refcoco
+
+    try:
+        splits = args.splits or list(refcoco.DATASETS[args.dataset][1])
+        examples = []
+        for split in splits:
+            examples += _limit(
+                refcoco.load_split(args.dataset, split, args.refer_dir, args.mdetr_dir), args.limit
+            )
+        options = _run_options(args)
+    except (ValueError, FileNotFoundError) as e:
+        return _fail(str(e))
+    predictor = load_predictor(args)
+    if args.task == "rec":
+        result = refcoco.evaluate_rec(
+            predictor,
+            examples,
+            args.images,
+            args.out,
+            generation=generation_settings(args),
+            samples=args.samples,
+            **options,
+        )
+        for dataset, by_split in result["results"].items():
+            for split, s in by_split.items():
+                print(
+                    f"{dataset} {split}: Acc@0.5 first {s['acc_first']:.2f} any {s['acc_any']:.2f} "
+                    f"mean {s['acc_mean']:.2f} (n={s['count']}, no box {s['undecodable']})"
+                )
+    else:
+        result = refcoco.evaluate_reg(
+            predictor,
+            examples,
+            args.images,
+            args.out,
+            generation=generation_settings(args),
+            metrics_names=args.text_metrics,
+            **options,
+        )
+        print(" ".join(f"{k} {v:.2f}" for k, v in result["results"]["scores"].items()))
+    print(f"report: {os.fspath(args.out / 'report.md')}")
+    return 0
+
+
+def run_flickr30k(args: argparse.Namespace) -> int:
+    from kosmos2.eval import flickr30k
+
+    try:
+        options = _run_options(args)
+        if args.task == "grounding":
+            examples = []
+            for split in args.splits:
+                examples += _limit(flickr30k.load_split(split, args.entities_dir, args.mdetr_dir), args.limit)
+        else:
+            images: dict[str, Any] = {}
+            for split in args.splits:
+                if args.entities_dir is not None:
+                    found = flickr30k.load_captions(args.entities_dir, split)
+                else:
+                    found = flickr30k.caption_references(flickr30k.load_split(split, None, args.mdetr_dir))
+                images.update(dict(_limit(list(found.items()), args.limit)))
+    except (ValueError, FileNotFoundError) as e:
+        return _fail(str(e))
+    predictor = load_predictor(args)
+    if args.task == "grounding":
+        result = flickr30k.evaluate_grounding(
+            predictor,
+            examples,
+            args.images,
+            args.out,
+            generation=generation_settings(args),
+            samples=args.samples,
+            **options,
+        )
+        for split, s in result["results"].items():
+            a = s["recall"]["all"]
+            print(
+                f"flickr30k {split}: R@1 {a['R@1']:.2f} R@5 {a['R@5']:.2f} R@10 {a['R@10']:.2f} "
+                f"(n={a['count']}, no box {s['undecodable']})"
+            )
+    else:
+        result = flickr30k.evaluate_captions(
+            predictor,
+            images,
+            args.images,
+            args.out,
+            prompt=args.caption_prompt,
+            generation=generation_settings(args, default_beams=5),
+            metrics_names=args.text_metrics,
+            **options,
+        )
+        print(" ".join(f"{k} {v:.2f}" for k, v in result["results"]["scores"].items()))
+    print(f"report: {os.fspath(args.out / 'report.md')}")
+    return 0
+
+
+def run_synthetic(args: argparse.Namespace) -> int:
+    from kosmos2.eval import synthetic
+
+    try:
+        options = _run_options(args)
+        if args.samples_file is not None:
+            rec, phrases = synthetic.load_samples(args.samples_file)
+        else:
+            rec, phrases = synthetic.world_samples(args.split, args.n_per_task)
+        rec, phrases = _limit(rec, args.limit), _limit(phrases, args.limit)
+    except (ValueError, FileNotFoundError) as e:
+        return _fail(str(e))
+    predictor = load_predictor(args)
+    result = synthetic.evaluate(
+        predictor,
+        args.out,
+        rec=rec,
+        phrases=phrases,
+        generation=generation_settings(args),
+        samples=args.samples,
+        **options,
+    )
+    for name, by_split in result.get("rec", {}).get("results", {}).items():
+        for s in by_split.values():
+            print(
+                f"{name} REC: Acc@0.5 first {s['acc_first']:.2f} any {s['acc_any']:.2f} "
+                f"mean {s['acc_mean']:.2f} (n={s['count']}, no box {s['undecodable']})"
+            )
+    for name, s in result.get("phrases", {}).get("results", {}).items():
+        a = s["recall"]["all"]
+        print(f"{name} phrases: R@1 {a['R@1']:.2f} R@5 {a['R@5']:.2f} R@10 {a['R@10']:.2f} (n={a['count']})")
+    parts = [args.out / part / "report.md" for part in ("rec", "phrases") if part in result]
+    print(f"reports: {', '.join(os.fspath(p) for p in parts)}")
+    return 0

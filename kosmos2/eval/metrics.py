@@ -1,0 +1,157 @@
+"""Box metrics of the official Kosmos-2 evaluation (SPEC §11): REC accuracy and phrase-grounding recall.
+
+Everything here is plain Python on pixel boxes (x1, y1, x2, y2), with no model and no dataset in sight, so the
+numbers can be checked by hand. IoU is `kosmos2.grounding.iou` (continuous coordinates, no +1 pixel). The
+protocol follows the released evaluation scripts:
+
+- A prediction is correct when IoU ≥ 0.5 (the paper writes "> 0.5"; the code compares with ≥).
+- The predicted boxes of a query are those the model attached to the queried phrase, in the order generated.
+  When there are none (nothing generated, markup that does not decode, boxes on another phrase) the query is
+  scored with no box, that is IoU 0: a miss, never a skipped query.
+- REC (RefCOCO/+/g), three variants reported separately:
+  *first* (the official number) uses the first generated box; *any* takes the best of all generated boxes (an
+  upper bound); *mean* averages the generated boxes coordinate-wise and scores that one box.
+- Phrase grounding (Flickr30k Entities), ANY-box protocol: a phrase may have several ground-truth boxes and
+  R@k counts it found when any of the first k generated boxes reaches IoU ≥ 0.5 with any of them.
+  Several ground-truth boxes for a REC query are treated the same way (the best one counts).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from kosmos2.grounding import iou
+
+Box = tuple[float, float, float, float]  # x1, y1, x2, y2
+
+IOU_THRESHOLD = 0.5
+RECALL_KS = (1, 5, 10)
+
+
+def best_iou(predicted: Sequence[Sequence[float]], truth: Sequence[Sequence[float]]) -> float:
+    """Largest IoU between any predicted box and any ground-truth box; 0 when either list is empty."""
+    return max((iou(p, t) for p in predicted for t in truth), default=0.0)
+
+
+def mean_box(boxes: Sequence[Sequence[float]]) -> Box:
+    """Coordinate-wise mean of one or more boxes (the REC "mean box" variant)."""
+    if not boxes:
+        raise ValueError("mean_box needs at least one box, got none")
+    n = len(boxes)
+    x1, y1, x2, y2 = (sum(float(b[i]) for b in boxes) / n for i in range(4))
+    return (x1, y1, x2, y2)
+
+
+def xywh_to_xyxy(box: Sequence[float]) -> Box:
+    """COCO [x, y, width, height] → (x1, y1, x2, y2)."""
+    x, y, w, h = (float(v) for v in box)
+    return (x, y, x + w, y + h)
+
+
+def check_box(box: Sequence[float], where: str) -> Box:
+    """Validate a ground-truth box: 4 finite numbers with x2 > x1 and y2 > y1; the error names `where`."""
+    try:
+        values = tuple(float(v) for v in box)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: a box must be 4 numbers (x1, y1, x2, y2), got {box!r}") from e
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{where}: a box must be 4 finite numbers (x1, y1, x2, y2), got {box!r}")
+    x1, y1, x2, y2 = values
+    if x2 <= x1 or y2 <= y1:
+        raise ValueError(f"{where}: box {box!r} has no area (need x2 > x1 and y2 > y1)")
+    return values  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Per-query scores
+
+
+@dataclass(frozen=True)
+class RecScore:
+    """IoUs of one REC query under the three variants, and whether the model produced any box at all."""
+
+    iou_first: float
+    iou_any: float
+    iou_mean: float
+    decoded: bool
+
+    def correct(self, variant: str = "first", threshold: float = IOU_THRESHOLD) -> bool:
+        return {"first": self.iou_first, "any": self.iou_any, "mean": self.iou_mean}[variant] >= threshold
+
+
+def score_rec(predicted: Sequence[Sequence[float]], truth: Sequence[Sequence[float]]) -> RecScore:
+    """Score one REC query. predicted: the generated boxes in order (may be empty); truth: ≥ 1 boxes."""
+    if not truth:
+        raise ValueError(
+            "score_rec needs at least one ground-truth box; queries without one cannot be scored"
+        )
+    if not predicted:
+        return RecScore(0.0, 0.0, 0.0, decoded=False)
+    return RecScore(
+        iou_first=best_iou(predicted[:1], truth),
+        iou_any=best_iou(predicted, truth),
+        iou_mean=best_iou([mean_box(predicted)], truth),
+        decoded=True,
+    )
+
+
+def recall_ious(
+    predicted: Sequence[Sequence[float]], truth: Sequence[Sequence[float]], ks: Sequence[int] = RECALL_KS
+) -> dict[int, float]:
+    """ANY-box IoU at each k: best IoU between the first k predicted boxes and any ground-truth box."""
+    if not truth:
+        raise ValueError(
+            "recall_ious needs at least one ground-truth box; phrases without boxes are left out of the "
+            "phrase-grounding evaluation"
+        )
+    return {k: best_iou(predicted[:k], truth) for k in ks}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Aggregates
+
+
+def rec_summary(scores: Iterable[RecScore], threshold: float = IOU_THRESHOLD) -> dict[str, float | int]:
+    """Accuracy (percent) of the first/any/mean variants, the undecodable count and the mean first-box IoU."""
+    scores = list(scores)
+    n = len(scores)
+    if n == 0:
+        return {"count": 0, "acc_first": 0.0, "acc_any": 0.0, "acc_mean": 0.0, "undecodable": 0, "miou": 0.0}
+    return {
+        "count": n,
+        "acc_first": 100.0 * sum(s.correct("first", threshold) for s in scores) / n,
+        "acc_any": 100.0 * sum(s.correct("any", threshold) for s in scores) / n,
+        "acc_mean": 100.0 * sum(s.correct("mean", threshold) for s in scores) / n,
+        "undecodable": sum(not s.decoded for s in scores),
+        "miou": 100.0 * sum(s.iou_first for s in scores) / n,
+    }
+
+
+def recall_summary(
+    items: Iterable[tuple[Mapping[int, float], Sequence[str]]],
+    ks: Sequence[int] = RECALL_KS,
+    threshold: float = IOU_THRESHOLD,
+) -> dict[str, dict[str, float | int]]:
+    """R@k (percent) over all phrases and per phrase type.
+
+    items: (recall IoUs by k, the phrase's types) per phrase; a phrase with several types counts in each
+    (as in the official script). Returns {"all": {"count": n, "R@1": ..}, "<type>": {...}, ...}.
+    """
+    hits: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    counts: dict[str, int] = defaultdict(int)
+    for ious, types in items:
+        for group in ("all", *types):
+            counts[group] += 1
+            for k in ks:
+                hits[group][k] += ious[k] >= threshold
+    out: dict[str, dict[str, float | int]] = {}
+    for group in ["all", *sorted(g for g in counts if g != "all")]:
+        n = counts.get(group, 0)
+        row: dict[str, float | int] = {"count": n}
+        for k in ks:
+            row[f"R@{k}"] = 100.0 * hits[group][k] / n if n else 0.0
+        out[group] = row
+    return out

@@ -1,0 +1,222 @@
+"""Evaluation output: metrics as JSON, a Markdown table, plots, and a sample sheet of images with boxes.
+
+    out_dir/
+      metrics.json       summary numbers, settings, run statistics (what a script reads)
+      records.jsonl      one line per query: prompt, generated text, true and predicted boxes, IoUs
+      report.md          the tables (with the paper's numbers beside ours) and links to the pictures
+      iou_hist.png       distribution of the first-box IoU (matplotlib)
+      by_*.png           accuracy or recall by expression length / phrase type (matplotlib)
+      samples.png        a grid of images: true boxes green, predicted boxes red (first box thick)
+
+Plots use matplotlib's object API (no global pyplot state, Agg canvas); without matplotlib they are skipped
+and report.md says so. The sample sheet is drawn with Pillow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+Box = tuple[float, float, float, float]
+
+TRUTH_COLOUR = (0, 170, 0)
+PREDICTED_COLOUR = (220, 0, 0)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=_jsonable) + "\n", encoding="utf-8")
+    return path
+
+
+def write_jsonl(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, default=_jsonable) + "\n")
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return repr(value)
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    """A table cell: floats with `digits` decimals, None as an em dash."""
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table; cells go through `fmt`."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Plots (matplotlib)
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _figure(width: float = 6.0, height: float = 3.6) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def iou_histogram(ious: Sequence[float], path: str | os.PathLike, title: str) -> Path | None:
+    """Histogram of IoUs in 20 bins over [0, 1] with the 0.5 threshold marked; None without matplotlib."""
+    if not have_matplotlib():
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.hist(list(ious), bins=[i / 20 for i in range(21)], color="#4878b0", edgecolor="white")
+    ax.axvline(0.5, color="#c03030", linestyle="--", linewidth=1.2, label="IoU = 0.5")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("IoU with the ground truth")
+    ax.set_ylabel("queries")
+    ax.set_title(title)
+    ax.legend(loc="upper center")
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+def bar_chart(
+    labels: Sequence[str],
+    series: Mapping[str, Sequence[float]],
+    path: str | os.PathLike,
+    title: str,
+    xlabel: str,
+    ylabel: str = "percent",
+    counts: Sequence[int] | None = None,
+) -> Path | None:
+    """Grouped bars (one group per label, one bar per series), optional n= under each label."""
+    if not have_matplotlib():
+        return None
+    fig = _figure(max(6.0, 0.9 * len(labels) + 2), 3.8)
+    ax = fig.add_subplot()
+    n = max(1, len(series))
+    width = 0.8 / n
+    for i, (name, values) in enumerate(series.items()):
+        xs = [j + (i - (n - 1) / 2) * width for j in range(len(labels))]
+        ax.bar(xs, list(values), width=width, label=name)
+    ticks = [f"{lab}\nn={c}" for lab, c in zip(labels, counts, strict=True)] if counts else list(labels)
+    ax.set_xticks(range(len(labels)), ticks, fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sample sheet (Pillow)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One tile of the sample sheet: the image, a caption, true and predicted pixel boxes."""
+
+    image: Any  # path or PIL image
+    title: str
+    truth: Sequence[Box]
+    predicted: Sequence[Box]
+    correct: bool
+
+
+def pick_samples(samples: Sequence[Sample], count: int) -> list[Sample]:
+    """Up to `count` samples, half misses and half hits where both exist, in their original order."""
+    misses = [s for s in samples if not s.correct]
+    hits = [s for s in samples if s.correct]
+    take_miss = min(len(misses), max(count - len(hits), count // 2))
+    chosen = {id(s) for s in misses[:take_miss]} | {id(s) for s in hits[: count - take_miss]}
+    return [s for s in samples if id(s) in chosen]
+
+
+def sample_sheet(
+    samples: Sequence[Sample],
+    path: str | os.PathLike,
+    columns: int = 4,
+    tile: int = 256,
+    load: Callable[[Any], Image.Image] | None = None,
+) -> Path | None:
+    """Grid of tiles, each the image fitted into tile×tile with true (green) and predicted (red) boxes."""
+    if not samples:
+        return None
+    if load is None:
+        from kosmos2.image import load_image as load
+    font = ImageFont.load_default(size=12)
+    caption_h = 48
+    rows = math.ceil(len(samples) / columns)
+    legend_h = 22
+    sheet = Image.new("RGB", (columns * tile, legend_h + rows * (tile + caption_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((6, 4), "ground truth", fill=TRUTH_COLOUR, font=font)
+    draw.text((110, 4), "prediction (first box thick)", fill=PREDICTED_COLOUR, font=font)
+    for i, s in enumerate(samples):
+        x0 = (i % columns) * tile
+        y0 = legend_h + (i // columns) * (tile + caption_h)
+        image = load(s.image)
+        w, h = image.size
+        scale = min(tile / w, tile / h)
+        thumb = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+        ox, oy = x0 + (tile - thumb.width) // 2, y0 + (tile - thumb.height) // 2
+        sheet.paste(thumb, (ox, oy))
+
+        def rect(
+            box: Sequence[float], colour: tuple[int, int, int], width: int, ox=ox, oy=oy, scale=scale
+        ) -> None:
+            x1, y1, x2, y2 = (float(v) * scale for v in box)
+            draw.rectangle(
+                (ox + x1, oy + y1, ox + max(x1, x2), oy + max(y1, y2)), outline=colour, width=width
+            )
+
+        for box in s.truth:
+            rect(box, TRUTH_COLOUR, 2)
+        for j, box in enumerate(s.predicted):
+            rect(box, PREDICTED_COLOUR, 3 if j == 0 else 1)
+        lines = textwrap.wrap(f"{'hit' if s.correct else 'miss'} {s.title}", width=tile // 7)[:3]
+        draw.multiline_text((x0 + 4, y0 + tile + 2), "\n".join(lines), fill=(0, 0, 0), font=font, spacing=2)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def image_link(path: Path | None, out_dir: Path, alt: str) -> str:
+    if path is None:
+        return f"*{alt}: not drawn (matplotlib is not installed; `pip install 'kosmos2[eval]'`)*"
+    return f"![{alt}]({path.relative_to(out_dir).as_posix()})"

@@ -1,0 +1,255 @@
+"""End to end through `kosmos2 eval ...` with the real Predictor on a tiny random checkpoint.
+
+A random model's outputs are arbitrary, so these tests check the plumbing the hand-worked tests cannot: real
+batched generation, the written reports, resuming from the cache, and that the scored boxes are exactly what
+the Predictor returns for the same image and prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from _eval_fixtures import (
+    write_coco_images,
+    write_entities,
+    write_flickr_images,
+    write_mdetr_flickr,
+    write_mdetr_refcoco,
+    write_refer,
+)
+from _model_fixtures import tiny_config, write_tiny_checkpoint
+
+from kosmos2.cli import main
+from kosmos2.eval.runner import PredictionCache
+from kosmos2.predictor import Predictor
+from kosmos2.tokenizer import Kosmos2Tokenizer
+
+RUN = ["--max-new-tokens", "6", "--batch-size", "2", "--no-progress", "--samples", "4"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, kosmos2_tokenizer_dir):
+    directory = tmp_path_factory.mktemp("tiny_eval_model")
+    vocab = Kosmos2Tokenizer.from_pretrained(kosmos2_tokenizer_dir).vocab_size
+    write_tiny_checkpoint(directory, tiny_config(vocab), seed=5)
+    for f in kosmos2_tokenizer_dir.iterdir():
+        shutil.copy(f, directory / f.name)
+    return directory
+
+
+def _records(out):
+    return [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
+
+
+def test_refcoco_end_to_end_and_resume(tmp_path, checkpoint, capsys) -> None:
+    refer = write_refer(tmp_path / "refer")
+    images = write_coco_images(tmp_path / "coco")
+    out = tmp_path / "out"
+    args = [
+        "eval",
+        "refcoco",
+        "--refer-dir",
+        str(refer),
+        "--images",
+        str(images),
+        "--splits",
+        "val",
+        "testA",
+        "--checkpoint",
+        str(checkpoint),
+        "--out",
+        str(out),
+        *RUN,
+    ]
+    assert main([*args, "--limit", "2"]) == 0
+    first = json.loads((out / "metrics.json").read_text())
+    assert first["run"] == {"queries": 4, "from_cache": 0, "computed": 4}
+    assert {s: v["count"] for s, v in first["results"]["refcoco"].items()} == {"val": 2, "testA": 2}
+    assert main(args) == 0  # the full run reuses the 4 cached predictions
+    second = json.loads((out / "metrics.json").read_text())
+    assert second["run"] == {"queries": 6, "from_cache": 4, "computed": 2}
+    assert len(PredictionCache(out / "predictions.jsonl")) == 6
+    assert "refcoco val: Acc@0.5 first" in capsys.readouterr().out
+    for name in ("report.md", "samples.png", "iou_hist.png", "by_length.png"):
+        assert (out / name).is_file()
+
+    # the scored boxes are the Predictor's own, for the same image and prompt
+    predictor = Predictor.from_pretrained(checkpoint)
+    records = _records(out)
+    direct = predictor.ground([r["image"] for r in records], [r["prompt"] for r in records], max_new_tokens=6)
+    for r, d in zip(records, direct, strict=True):
+        assert r["text"] == d.text
+        want = [list(b) for e in d.entities if e.phrase.strip() == r["expression"] for b in e.pixel_boxes]
+        assert r["predicted"] == pytest.approx(want)
+
+
+def test_refcoco_mdetr_and_reg(tmp_path, checkpoint) -> None:
+    pytest.importorskip("pycocoevalcap")
+    mdetr = write_mdetr_refcoco(tmp_path / "mdetr")
+    images = write_coco_images(tmp_path / "coco")
+    out = tmp_path / "reg"
+    assert (
+        main(
+            [
+                "eval",
+                "refcoco",
+                "--mdetr-dir",
+                str(mdetr),
+                "--images",
+                str(images),
+                "--splits",
+                "val",
+                "--task",
+                "reg",
+                "--text-metrics",
+                "CIDEr",
+                "--checkpoint",
+                str(checkpoint),
+                "--out",
+                str(out),
+                *RUN,
+            ]
+        )
+        == 0
+    )
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["task"] == "reg" and set(m["results"]["scores"]) == {"CIDEr"} and m["run"]["queries"] == 3
+    assert all(r["prompt"].startswith("<phrase> It</phrase><object>") for r in _records(out))
+
+
+def test_flickr30k_end_to_end(tmp_path, checkpoint) -> None:
+    entities = write_entities(tmp_path / "flickr30k_entities")
+    mdetr = write_mdetr_flickr(tmp_path / "mdetr")
+    images = write_flickr_images(tmp_path / "flickr30k-images")
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "eval",
+                "flickr30k",
+                "--entities-dir",
+                str(entities),
+                "--mdetr-dir",
+                str(mdetr),
+                "--images",
+                str(images),
+                "--checkpoint",
+                str(checkpoint),
+                "--out",
+                str(out),
+                *RUN,
+            ]
+        )
+        == 0
+    )
+    m = json.loads((out / "metrics.json").read_text())
+    assert (
+        m["results"]["val"]["recall"]["all"]["count"] == 3
+        and m["results"]["test"]["recall"]["all"]["count"] == 2
+    )
+    assert set(m["results"]["val"]["recall"]) == {"all", "people", "clothing", "bodyparts", "other"}
+    assert (out / "by_type.png").is_file()
+
+
+def test_flickr30k_captions(tmp_path, checkpoint) -> None:
+    pytest.importorskip("pycocoevalcap")
+    entities = write_entities(tmp_path / "flickr30k_entities")
+    images = write_flickr_images(tmp_path / "flickr30k-images")
+    out = tmp_path / "cap"
+    assert (
+        main(
+            [
+                "eval",
+                "flickr30k",
+                "--task",
+                "caption",
+                "--entities-dir",
+                str(entities),
+                "--images",
+                str(images),
+                "--text-metrics",
+                "CIDEr",
+                "--checkpoint",
+                str(checkpoint),
+                "--out",
+                str(out),
+                *RUN,
+            ]
+        )
+        == 0
+    )
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["generation"] == {"max_new_tokens": 6, "num_beams": 5} and m["run"]["queries"] == 2
+
+
+def test_synthetic_end_to_end(tmp_path, checkpoint) -> None:
+    pytest.importorskip("kosmos2.data.synthetic")
+    out = tmp_path / "syn"
+    assert (
+        main(
+            [
+                "eval",
+                "synthetic",
+                "--n-per-task",
+                "2",
+                "--checkpoint",
+                str(checkpoint),
+                "--out",
+                str(out),
+                *RUN,
+            ]
+        )
+        == 0
+    )
+    assert json.loads((out / "rec" / "metrics.json").read_text())["results"]["synthetic"]["rec"]["count"] == 2
+    assert json.loads((out / "phrases" / "metrics.json").read_text())["run"]["queries"] == 2
+    assert (
+        main(
+            [
+                "eval",
+                "synthetic",
+                "--n-per-task",
+                "2",
+                "--checkpoint",
+                str(checkpoint),
+                "--out",
+                str(out),
+                *RUN,
+            ]
+        )
+        == 0
+    )
+    assert json.loads((out / "rec" / "metrics.json").read_text())["run"]["from_cache"] == 2
+
+
+def test_bad_arguments_fail_with_a_message(tmp_path, checkpoint, capsys) -> None:
+    rc = main(
+        [
+            "eval",
+            "refcoco",
+            "--images",
+            str(tmp_path),
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert rc == 2 and "exactly one annotation source" in capsys.readouterr().err
+    rc = main(
+        [
+            "eval",
+            "flickr30k",
+            "--entities-dir",
+            str(tmp_path),
+            "--images",
+            str(tmp_path),
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert rc == 2 and "val.txt: not found" in capsys.readouterr().err
