@@ -522,6 +522,13 @@ class Kosmos2(nn.Module):
         """
         if self.cache_key_mask is None:
             raise RuntimeError("forward_cached: no cache; call setup_cache() first")
+        max_len = self.cache_key_mask.shape[1]
+        if (
+            input_ids.shape[1] > 1 and int(input_pos.max()) >= max_len
+        ):  # checked at prefill only (no sync per step)
+            raise ValueError(
+                f"forward_cached: cache slots up to {int(input_pos.max())} but max_len is {max_len}"
+            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         self.cache_key_mask.index_copy_(1, input_pos, attention_mask.bool())
