@@ -161,7 +161,10 @@ class BuildSettings:
         """The settings that decide the records; a resumed build must have the same ones."""
         from kosmos2.data import grit_text
 
-        detector: dict[str, Any] = {"kind": self.detector, "path": str(Path(self.detector_path).resolve())}
+        path = Path(self.detector_path).resolve()
+        detector: dict[str, Any] = {"kind": self.detector, "path": str(path)}
+        if path.is_file():  # precomputed detections: a changed file is a different build
+            detector["size"] = path.stat().st_size
         if detector_factory is not None:
             detector = {
                 "factory": f"{detector_factory.__module__}.{getattr(detector_factory, '__qualname__', '')}"
