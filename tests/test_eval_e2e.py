@@ -253,3 +253,22 @@ def test_bad_arguments_fail_with_a_message(tmp_path, checkpoint, capsys) -> None
         ]
     )
     assert rc == 2 and "val.txt: not found" in capsys.readouterr().err
+    refer = write_refer(tmp_path / "refer")
+    rc = main(
+        [
+            "eval",
+            "refcoco",
+            "--refer-dir",
+            str(refer),
+            "--splits",
+            "val",
+            "--images",
+            str(tmp_path / "none"),
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
+    assert rc == 2 and "COCO_train2014_000000581857.jpg' not found" in capsys.readouterr().err

@@ -144,6 +144,7 @@ def model_id_for(checkpoint: str | os.PathLike | None) -> str:
 
 
 def load_predictor(args: argparse.Namespace) -> Any:
+    """The Predictor for --checkpoint / --dtype / --device (torch is imported here, not at parse time)."""
     from kosmos2.predictor import Predictor
 
     return Predictor.from_pretrained(
@@ -177,6 +178,17 @@ def _limit(items: list, limit: int | None) -> list:
     return items[:limit]
 
 
+def _missing_text_metrics() -> str | None:
+    """The install hint when pycocoevalcap is missing (checked before any inference runs), else None."""
+    from kosmos2.eval import text_metrics
+
+    try:
+        text_metrics.require()
+    except ImportError as e:
+        return str(e)
+    return None
+
+
 def _fail(message: str) -> int:
     print(f"kosmos2 eval: error: {message}", file=sys.stderr)
     return 2
@@ -188,6 +200,7 @@ def _fail(message: str) -> int:
 
 def run_refcoco(args: argparse.Namespace) -> int:
     from kosmos2.eval import refcoco
+    from kosmos2.image import ImageError
 
     try:
         splits = args.splits or list(refcoco.DATASETS[args.dataset][1])
@@ -197,19 +210,36 @@ def run_refcoco(args: argparse.Namespace) -> int:
                 refcoco.load_split(args.dataset, split, args.refer_dir, args.mdetr_dir), args.limit
             )
         options = _run_options(args)
+        generation = generation_settings(args)
     except (ValueError, FileNotFoundError) as e:
         return _fail(str(e))
+    if args.task == "reg" and (missing := _missing_text_metrics()):
+        return _fail(missing)
     predictor = load_predictor(args)
+    try:
+        if args.task == "rec":
+            result = refcoco.evaluate_rec(
+                predictor,
+                examples,
+                args.images,
+                args.out,
+                generation=generation,
+                samples=args.samples,
+                **options,
+            )
+        else:
+            result = refcoco.evaluate_reg(
+                predictor,
+                examples,
+                args.images,
+                args.out,
+                generation=generation,
+                metrics_names=args.text_metrics,
+                **options,
+            )
+    except (FileNotFoundError, ImageError) as e:  # an image missing or unreadable
+        return _fail(str(e))
     if args.task == "rec":
-        result = refcoco.evaluate_rec(
-            predictor,
-            examples,
-            args.images,
-            args.out,
-            generation=generation_settings(args),
-            samples=args.samples,
-            **options,
-        )
         for dataset, by_split in result["results"].items():
             for split, s in by_split.items():
                 print(
@@ -217,15 +247,6 @@ def run_refcoco(args: argparse.Namespace) -> int:
                     f"mean {s['acc_mean']:.2f} (n={s['count']}, no box {s['undecodable']})"
                 )
     else:
-        result = refcoco.evaluate_reg(
-            predictor,
-            examples,
-            args.images,
-            args.out,
-            generation=generation_settings(args),
-            metrics_names=args.text_metrics,
-            **options,
-        )
         print(" ".join(f"{k} {v:.2f}" for k, v in result["results"]["scores"].items()))
     print(f"report: {os.fspath(args.out / 'report.md')}")
     return 0
@@ -233,6 +254,7 @@ def run_refcoco(args: argparse.Namespace) -> int:
 
 def run_flickr30k(args: argparse.Namespace) -> int:
     from kosmos2.eval import flickr30k
+    from kosmos2.image import ImageError
 
     try:
         options = _run_options(args)
@@ -248,19 +270,37 @@ def run_flickr30k(args: argparse.Namespace) -> int:
                 else:
                     found = flickr30k.caption_references(flickr30k.load_split(split, None, args.mdetr_dir))
                 images.update(dict(_limit(list(found.items()), args.limit)))
+        generation = generation_settings(args, default_beams=1 if args.task == "grounding" else 5)
     except (ValueError, FileNotFoundError) as e:
         return _fail(str(e))
+    if args.task == "caption" and (missing := _missing_text_metrics()):
+        return _fail(missing)
     predictor = load_predictor(args)
+    try:
+        if args.task == "grounding":
+            result = flickr30k.evaluate_grounding(
+                predictor,
+                examples,
+                args.images,
+                args.out,
+                generation=generation,
+                samples=args.samples,
+                **options,
+            )
+        else:
+            result = flickr30k.evaluate_captions(
+                predictor,
+                images,
+                args.images,
+                args.out,
+                prompt=args.caption_prompt,
+                generation=generation,
+                metrics_names=args.text_metrics,
+                **options,
+            )
+    except (FileNotFoundError, ImageError) as e:
+        return _fail(str(e))
     if args.task == "grounding":
-        result = flickr30k.evaluate_grounding(
-            predictor,
-            examples,
-            args.images,
-            args.out,
-            generation=generation_settings(args),
-            samples=args.samples,
-            **options,
-        )
         for split, s in result["results"].items():
             a = s["recall"]["all"]
             print(
@@ -268,16 +308,6 @@ def run_flickr30k(args: argparse.Namespace) -> int:
                 f"(n={a['count']}, no box {s['undecodable']})"
             )
     else:
-        result = flickr30k.evaluate_captions(
-            predictor,
-            images,
-            args.images,
-            args.out,
-            prompt=args.caption_prompt,
-            generation=generation_settings(args, default_beams=5),
-            metrics_names=args.text_metrics,
-            **options,
-        )
         print(" ".join(f"{k} {v:.2f}" for k, v in result["results"]["scores"].items()))
     print(f"report: {os.fspath(args.out / 'report.md')}")
     return 0
@@ -293,18 +323,22 @@ def run_synthetic(args: argparse.Namespace) -> int:
         else:
             rec, phrases = synthetic.world_samples(args.split, args.n_per_task)
         rec, phrases = _limit(rec, args.limit), _limit(phrases, args.limit)
+        generation = generation_settings(args)
     except (ValueError, FileNotFoundError) as e:
         return _fail(str(e))
     predictor = load_predictor(args)
-    result = synthetic.evaluate(
-        predictor,
-        args.out,
-        rec=rec,
-        phrases=phrases,
-        generation=generation_settings(args),
-        samples=args.samples,
-        **options,
-    )
+    try:
+        result = synthetic.evaluate(
+            predictor,
+            args.out,
+            rec=rec,
+            phrases=phrases,
+            generation=generation,
+            samples=args.samples,
+            **options,
+        )
+    except (ValueError, FileNotFoundError) as e:  # a sample's image or boxes
+        return _fail(str(e))
     for name, by_split in result.get("rec", {}).get("results", {}).items():
         for s in by_split.values():
             print(

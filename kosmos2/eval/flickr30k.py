@@ -644,6 +644,7 @@ def evaluate_captions(
     """Caption each image with `prompt`; score the words after the prompt against its five captions."""
     from kosmos2.eval import text_metrics
 
+    text_metrics.require()
     out_dir = Path(out_dir)
     queries = [
         Query(f"flickr30k-caption/{i}", resolve_image(images_dir, fn, IMAGE_SUBDIRS), prompt, size)

@@ -167,10 +167,12 @@ def load_mdetr(
     """Expressions from MDETR's finetune_<dataset>_<split>.json (dataset and split: from the file name)."""
     json_path = Path(json_path)
     m = re.fullmatch(r"finetune_(refcoco\+?|refcocog)_(\w+)\.json", json_path.name)
-    dataset = dataset_name(dataset or (m.group(1) if m else "?"))
-    split = split or (m.group(2) if m else None)
-    if split is None:
-        raise ValueError(f"{json_path}: cannot tell the split from the file name; pass split=")
+    if m is None and (dataset is None or split is None):
+        raise ValueError(
+            f"{json_path}: not named finetune_<dataset>_<split>.json; pass dataset= and split= explicitly"
+        )
+    dataset = dataset_name(dataset or m.group(1))
+    split = split or m.group(2)
     data = _read_json(json_path)
     images = _field(data, "images", json_path)
     by_image: dict[Any, list[dict]] = defaultdict(list)
@@ -515,6 +517,7 @@ def evaluate_reg(
     """Describe each referred object (one query per object) and score against all its expressions."""
     from kosmos2.eval import text_metrics
 
+    text_metrics.require()
     out_dir = Path(out_dir)
     objects: dict[str, list[RefExample]] = defaultdict(list)
     for e in examples:

@@ -49,6 +49,16 @@ _PUNCTUATION = {
 }
 
 
+def require() -> None:
+    """Fail early (before any inference) when pycocoevalcap is missing."""
+    try:
+        import pycocoevalcap  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "caption metrics need pycocoevalcap: pip install 'kosmos2[eval]' (or pycocoevalcap==1.2)"
+        ) from e
+
+
 def java_available() -> bool:
     return shutil.which("java") is not None
 
