@@ -328,8 +328,30 @@ def _tiny() -> Kosmos2Config:
     )
 
 
-# name -> factory. Add a preset by adding an entry (e.g. "small", the default model we train).
+def _small() -> Kosmos2Config:
+    """The built-in default model (kosmos2/assets/default), trained on the synthetic world by
+    `kosmos2 train --recipe default`: 64 px images in 8 px patches (64 patches + class token), a 4-layer
+    192-wide ViT, 16 latent queries, a 4-layer 256-wide decoder, no dropout (the world's data never repeats).
+    The vocabulary is the world's tokenizer's: 256 base pieces + <mask> + 11 tags + 1024 location tokens."""
+    return Kosmos2Config(
+        vision=VisionConfig(width=192, layers=4, heads=4, mlp_dim=768, image_size=64, patch_size=8),
+        text=TextConfig(
+            vocab_size=1292,
+            width=256,
+            layers=4,
+            heads=4,
+            mlp_dim=1024,
+            max_positions=512,
+            dropout=0.0,
+            attention_dropout=0.0,
+        ),
+        latent_query_num=16,
+    )
+
+
+# name -> factory. Add a preset by adding an entry.
 PRESETS: dict[str, Callable[[], Kosmos2Config]] = {
     "kosmos-2-patch14-224": _kosmos_2_patch14_224,
     "tiny": _tiny,
+    "small": _small,
 }
