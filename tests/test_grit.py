@@ -444,6 +444,7 @@ def test_cli_grit_build(tmp_path, small_input, capsys):
 
 @pytest.mark.reference
 def test_tiny_owlv2_through_the_pipeline(tmp_path, small_input):
+    pytest.importorskip("scipy", reason="OWLv2's image processor needs scipy without torchvision")
     from _detector_fixtures import build_owlv2
 
     listing, _ = small_input
