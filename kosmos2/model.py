@@ -319,9 +319,8 @@ class TextTransformer(nn.Module):
             slots, needed = int(image_mask.sum()), image_embeds.shape[0] * image_embeds.shape[1]
             if slots != needed:
                 raise ValueError(
-                    f"image_mask marks {slots} slots but image_embeds {tuple(image_embeds.shape)} "
-                    f"fills {needed}: "
-                    f"each image needs exactly {image_embeds.shape[1]} marked slots"
+                    f"image_mask marks {slots} slots but image_embeds {tuple(image_embeds.shape)} fill "
+                    f"{needed}: each image needs exactly {image_embeds.shape[1]} marked slots in its row"
                 )
             x = x.masked_scatter(image_mask.bool().unsqueeze(-1), image_embeds.to(x.dtype))
         # scale after the overwrite: image rows are scaled by sqrt(C) too, as in the released model
@@ -377,6 +376,8 @@ class Kosmos2(nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         """Fresh-model initialisation (for training from scratch; loading overwrites all of it)."""
         std = 0.02
+        if module is self.text_model.lm_head:
+            return  # its weight is the embedding, initialised (with a zero pad row) by embed_tokens
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=std)
             if module.bias is not None:

@@ -205,6 +205,27 @@ def test_cached_decoding_equals_full_forward_with_left_padding():
     model.clear_cache()
 
 
+def test_bfloat16_model_runs_both_paths():
+    config = tiny_config()
+    model = random_model(config, seed=9)
+    ids, mask = image_prompt(PLAIN)
+    input_ids, image_mask = torch.tensor([ids]), torch.tensor([mask])
+    pixels = _pixels(config, 1)
+    with torch.no_grad():
+        reference, _ = model(input_ids, pixel_values=pixels, image_mask=image_mask)
+        model.to(torch.bfloat16)
+        logits, _ = model(input_ids, pixel_values=pixels, image_mask=image_mask)
+        model.setup_cache(1, len(ids))
+        embeds = model.encode_image(pixels)
+        cached = model.forward_cached(
+            input_ids, torch.arange(len(ids)), make_positions(input_ids), None, embeds, image_mask
+        )
+    assert logits.dtype == cached.dtype == torch.bfloat16
+    assert model.text_model.model.layers[0].self_attn.kv_cache.k.dtype == torch.bfloat16
+    assert (logits.float() - reference).abs().max() <= 0.05 * reference.abs().max()
+    assert torch.equal(cached, logits)
+
+
 def test_reorder_cache_expands_rows_for_beams():
     model = random_model(tiny_config(), seed=6)
     ids = torch.tensor([[0, 10, 20, 30], [0, 40, 50, 60]])
@@ -226,6 +247,50 @@ def test_cache_errors_are_clear():
         model.forward_cached(ids, torch.arange(2), make_positions(ids))
     with pytest.raises(ValueError, match="max_len"):
         model.setup_cache(1, 0)
+
+
+def test_batch_mixing_image_and_text_only_rows():
+    """image_embeds hold the images of the rows that have slots, in order; text-only rows take none."""
+    config = tiny_config()
+    model = random_model(config, seed=7)
+    image_row, mask = image_prompt(PLAIN)
+    text_row = [0, 10, 20, 30, 40]
+    input_ids, attn, image_mask = left_pad([text_row, image_row], [[False] * len(text_row), mask])
+    with torch.no_grad():
+        embeds = model.encode_image(_pixels(config, 1))
+        logits, _ = model(input_ids, image_embeds=embeds, image_mask=image_mask, attention_mask=attn)
+        alone_text, _ = model(torch.tensor([text_row]))
+        alone_image, _ = model(
+            torch.tensor([image_row]), image_embeds=embeds, image_mask=torch.tensor([mask])
+        )
+    assert (logits[0, -len(text_row) :] - alone_text[0]).abs().max() <= 1e-5
+    assert (logits[1] - alone_image[0]).abs().max() <= 1e-5
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    config = tiny_config()
+    config.text.dropout = config.text.attention_dropout = 0.0  # deterministic in train mode
+    ids = torch.tensor([[0, 10, 20, 30, 40, 2]])
+    targets = torch.tensor([[10, 20, 30, 40, 2, -100]])
+    grads = []
+    for checkpointing in (False, True):
+        model = random_model(config, seed=8).train()
+        model.text_model.model.gradient_checkpointing = checkpointing
+        _, loss = model(ids, targets=targets)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+def test_fresh_model_initialisation():
+    model = Kosmos2(tiny_config())
+    embed = model.text_model.model.embed_tokens.weight
+    assert model.text_model.lm_head.weight is embed
+    assert torch.equal(embed[1], torch.zeros(64))  # the pad row starts at zero (padding_idx)
+    assert 0.015 < embed[2:].std().item() < 0.025
+    assert torch.equal(model.text_model.model.layers[0].ffn.ffn_layernorm.weight, torch.ones(128))
 
 
 # -- input checks ------------------------------------------------------------------------------------------
