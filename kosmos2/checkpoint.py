@@ -290,6 +290,10 @@ def load_pretrained(
     dtype: the parameters' dtype (float32, bfloat16 or float16), converted on load. A tied `lm_head.weight`
     in the file is not read: the head is the embedding matrix. Raises ValueError naming every missing,
     unexpected or mis-shaped tensor.
+
+    Safetensors weights loaded to the CPU in their stored dtype share memory with a private (copy-on-write)
+    map of the file: the file may be replaced (as `save_pretrained` does, by rename) or deleted, but must not
+    be overwritten in place while the model is alive.
     """
     directory = Path(directory)
     if not directory.is_dir():

@@ -428,7 +428,8 @@ class Kosmos2(nn.Module):
         """Logits for every position, and the loss when `targets` are given.
 
         input_ids [B,T]; pixel_values [B_img,3,H,W] or image_embeds [B_img,N,C] with image_mask [B,T] marking
-        N slots per image row; attention_mask [B,T] (1 = token, 0 = padding; None = no padding to mask);
+        N slots per image row; attention_mask [B,T] (1 = token, 0 = padding; None = nothing to mask, which
+        also suits right padding since causality hides it, and lets SDPA use its fused causal kernel);
         positions [B,T] default `make_positions(input_ids)`; targets [B,T]: targets[:, t] is the token to
         predict at position t (already shifted), -100 = ignored. Returns (logits [B,T,V], mean cross-entropy
         over the non-ignored targets, or None).
