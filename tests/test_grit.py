@@ -275,6 +275,7 @@ def test_shards_resume_and_settings_check(tmp_path, small_input):
     first = build(settings, progress=False)
     assert (first.shards_total, first.shards_run) == (3, 3)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        ".lock",  # held while a build writes the folder
         "manifest.json",
         "part-00000.parquet",
         "part-00000.tar",
@@ -290,6 +291,15 @@ def test_shards_resume_and_settings_check(tmp_path, small_input):
     assert again.counts == first.counts
     with pytest.raises(ValueError, match="nms_iou"):
         build(_settings(tmp_path, listing, detections, shard_size=2, nms_iou=0.7), progress=False)
+    # a second build cannot write the folder while one holds it
+    shards, files = grit.plan_shards(listing, 2)
+    holder = grit.Manifest.open(tmp_path / "out", settings.fingerprint(), files, len(shards))
+    try:
+        with pytest.raises(ValueError, match="another grit build"):
+            build(settings, progress=False)
+    finally:
+        holder.close()
+    assert build(settings, progress=False).shards_skipped == 3
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,8 @@
 Resuming: a shard's files appear only complete (rename), and the manifest lists a shard only after both of its
 files are in place, so a killed run restarted with the same command redoes exactly the shards the manifest
 lacks (overwriting any file a shard left before the manifest named it): nothing lost, nothing duplicated.
-Shard boundaries and keys depend only on the input and `shard_size`, never on the number of workers.
+Shard boundaries and keys depend only on the input and `shard_size`, never on the number of workers. A lock
+file (<output>/.lock, flock) keeps a second build out of a folder that one is writing.
 
 The parquet records have exactly the released GRIT-20M columns (`GRIT_SCHEMA`):
 
@@ -731,6 +732,24 @@ def process_shard(shard: InputShard, settings: BuildSettings, nlp: Any, detector
 # The manifest
 
 
+def _lock(directory: Path) -> Any:
+    """An open file holding an exclusive flock on <directory>/.lock (None where flock does not exist)."""
+    try:
+        import fcntl
+    except ImportError:  # not on Windows: no protection against two builds in one folder
+        return None
+    handle = open(directory / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ValueError(
+            f"another grit build is writing {directory} (it holds {directory / '.lock'}); wait for it to "
+            "end, or write to another folder"
+        ) from None
+    return handle
+
+
 class Manifest:
     """manifest.json of an output folder: the settings, the plan's size and the shards done, with counts.
 
@@ -738,9 +757,10 @@ class Manifest:
     file that lists only shards whose files are complete.
     """
 
-    def __init__(self, directory: Path, data: dict[str, Any]) -> None:
+    def __init__(self, directory: Path, data: dict[str, Any], lock: Any = None) -> None:
         self.directory = directory
         self.data = data
+        self._lock = lock  # an open file holding the folder's lock (released when closed or collected)
 
     @property
     def path(self) -> Path:
@@ -752,8 +772,24 @@ class Manifest:
 
     @classmethod
     def open(cls, directory: Path, settings: dict[str, Any], input_files: list, num_shards: int) -> Manifest:
-        """Load the folder's manifest (checking that it was made by the same settings) or start a new one."""
+        """Load the folder's manifest (checking that it was made by the same settings) or start a new one.
+
+        Holds an exclusive lock on <directory>/.lock while the object lives, so two builds cannot write one
+        folder at once; the operating system releases it when the process ends, however it ends.
+        """
         directory.mkdir(parents=True, exist_ok=True)
+        lock = _lock(directory)
+        try:
+            return cls._load_or_create(directory, settings, input_files, num_shards, lock)
+        except BaseException:
+            if lock is not None:
+                lock.close()
+            raise
+
+    @classmethod
+    def _load_or_create(
+        cls, directory: Path, settings: dict[str, Any], input_files: list, num_shards: int, lock: Any
+    ) -> Manifest:
         path = directory / MANIFEST
         if path.exists():
             try:
@@ -773,7 +809,7 @@ class Manifest:
                         f"{directory} holds a build with other {name} ({_difference(before, now)}); "
                         "resume with the same input and options, or write to a new output folder"
                     )
-            return cls(directory, data)
+            return cls(directory, data, lock)
         unexpected = [p.name for p in directory.iterdir() if p.name.startswith("part-")]
         if unexpected:
             raise ValueError(
@@ -788,9 +824,15 @@ class Manifest:
             "complete": False,
             "shards": {},
         }
-        manifest = cls(directory, data)
+        manifest = cls(directory, data, lock)
         manifest.save()
         return manifest
+
+    def close(self) -> None:
+        """Release the folder's lock."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def commit(self, index: int, entry: dict[str, Any]) -> None:
         """Record shard `index` as done (its files are in place) and save."""
@@ -842,7 +884,7 @@ def prepare(
         raise ValueError(f"input {settings.input!r} holds no pairs")
     directory = Path(settings.output).expanduser()
     manifest = Manifest.open(directory, settings.fingerprint(detector_factory), files, len(shards))
-    for stale in directory.glob(".part-*.tmp"):  # left by a killed run; never named by the manifest
+    for stale in directory.glob(".*.tmp"):  # left by a killed run; never named by the manifest
         stale.unlink()
     return shards, manifest
 
@@ -966,6 +1008,7 @@ def build(
                         bar.update(entry)
     finally:
         bar.close()
+        manifest.close()
     return BuildSummary(
         output=str(manifest.directory),
         shards_total=len(shards),

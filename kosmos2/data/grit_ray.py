@@ -101,12 +101,12 @@ def build_ray(
     shards, manifest = prepare(settings, detector_factory)
     pending = iter_pending(shards, manifest)
     started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=progress)
     counts = manifest.totals()
     total = sum(map(len, shards))
     bar = BuildProgress(progress, total, total - sum(map(len, pending)), counts)
     try:
+        if started_here:
+            ray.init(address=address, include_dashboard=False, log_to_driver=progress)
         if pending:
             ray.data.DataContext.get_current().enable_progress_bars = progress
             gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -141,7 +141,8 @@ def build_ray(
                 bar.update(entry)
     finally:
         bar.close()
-        if started_here:
+        manifest.close()
+        if started_here and ray.is_initialized():
             ray.shutdown()
     return BuildSummary(
         output=str(manifest.directory),
