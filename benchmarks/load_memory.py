@@ -6,7 +6,8 @@ bytes of the weights it ends up holding (the issue's bound: <= 1.3x).
 
 The checkpoint is written once (random weights, model.safetensors) into --workdir (default: a temp folder;
 the full model takes 6.7 GB of disk). Each load runs in its own process so its peak RSS is its own; the
-process's baseline RSS (python + torch imported, before loading) is reported too.
+process's baseline RSS (python + torch imported, before loading) is reported too. Peak RSS is the
+child's VmHWM (Linux).
 """
 
 from __future__ import annotations
@@ -19,16 +20,19 @@ import tempfile
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys, torch
+import json, sys, torch
 from kosmos2.checkpoint import load_pretrained
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def hwm():  # this process's peak RSS (VmHWM; ru_maxrss would carry the parent's peak across fork + exec)
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+base = hwm()
 dtype = getattr(torch, sys.argv[2])
 model = load_pretrained(sys.argv[1], dtype=dtype)
 weights = sum(p.numel() * p.element_size() for p in model.parameters())
 # read every weight once, so memory-mapped pages count as resident, as they will once the model runs
 for p in model.parameters():
     p.sum()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = hwm()
 print(json.dumps({"baseline_rss": base, "peak_rss": peak, "weight_bytes": weights}))
 """
 
