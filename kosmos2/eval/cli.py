@@ -1,8 +1,9 @@
 """`kosmos2 eval refcoco | flickr30k | synthetic`: thin subcommands over the evaluation functions.
 
 Each handler loads the annotations, builds the predictor, and calls the typed function of the dataset's module
-(refcoco.evaluate_rec / evaluate_reg, flickr30k.evaluate_grounding / evaluate_captions, synthetic.evaluate),
-which writes metrics.json, records.jsonl, report.md, plots and samples.png under --out. Heavy modules (torch,
+(refcoco.evaluate_rec / evaluate_reg, flickr30k.evaluate_grounding / evaluate_captions,
+synthetic.evaluate_world, or synthetic.evaluate for --samples-file), which writes metrics.json,
+records.jsonl, report.md, plots and example pictures under --out. Heavy modules (torch,
 the predictor) are imported only when a handler runs. docs/EVAL.md says where to get each dataset.
 """
 
@@ -16,6 +17,10 @@ from pathlib import Path
 from typing import Any
 
 REFCOCO_DATASETS = ("refcoco", "refcoco+", "refcocog")
+# the synthetic world's tasks (kosmos2.eval.synthetic.WORLD_TASKS / DEFAULT_TASKS, repeated here so that
+# building the parser imports nothing heavy; tests check the two agree)
+WORLD_TASKS = ("rec", "phrase_grounding", "grounded_caption", "caption", "reg", "grounded_vqa", "vqa")
+DEFAULT_TASKS = ("rec", "phrase_grounding", "grounded_caption", "reg", "grounded_vqa", "vqa")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -73,13 +78,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "synthetic",
-        help="REC and phrase grounding on the synthetic world (the default model's) or a JSONL sample file",
-        description="The synthetic world's fixed evaluation set, or --samples-file (format in docs/EVAL.md).",
+        help="the synthetic world of the default model: REC, phrase grounding, grounded captions, REG, VQA, "
+        "with the default model's targets",
+        description="The synthetic world's fixed held-out sets (kosmos2/data/synthetic.py): every task with "
+        "the prompts the model trained on, greedy decoding without n-gram blocking; writes metrics.json, "
+        "report.md (targets beside the measured values) and example pictures. --samples-file evaluates a "
+        "JSON Lines file of REC / phrase samples instead (format in docs/EVAL.md).",
     )
-    p.add_argument("--split", default="test", choices=("test", "compositional", "train"))
-    p.add_argument("--n-per-task", type=int, default=200, help="samples per task (REC, phrase grounding)")
-    p.add_argument("--samples-file", type=Path, help="a JSON Lines file of samples instead of the world")
-    _common(p)
+    p.add_argument(
+        "--split",
+        default="all",
+        choices=("all", "test", "compositional", "train"),
+        help="all = test and compositional, the held-out splits (default: %(default)s)",
+    )
+    p.add_argument(
+        "--n-per-task", type=int, default=1000, help="queries per task and split (default: %(default)s)"
+    )
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        metavar="TASK",
+        choices=WORLD_TASKS,
+        default=list(DEFAULT_TASKS),
+        help=f"world tasks to evaluate, of {' '.join(WORLD_TASKS)} (default: all but caption)",
+    )
+    p.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        default=0,
+        help="n-gram blocking; 0 (the default) as the world's captions repeat trigrams",
+    )
+    p.add_argument("--samples-file", type=Path, help="a JSON Lines file of REC / phrase samples instead")
+    _common(p, max_new_tokens=96)
     p.set_defaults(func=run_synthetic)
 
 
@@ -94,7 +124,7 @@ def _text_metrics(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
     g = p.add_argument_group("model and run")
     g.add_argument("--checkpoint", help="model directory; default: the built-in default model")
     g.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
@@ -105,7 +135,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--limit", type=int, help="evaluate only the first N queries of each split (quick runs)")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="generation length (default: %(default)s)")
+    g.add_argument(
+        "--max-new-tokens", type=int, default=max_new_tokens, help="generation length (default: %(default)s)"
+    )
     g.add_argument(
         "--num-beams", type=int, help="beam size (default: 1, greedy; 5 for captions as the paper)"
     )
@@ -316,12 +348,69 @@ def run_flickr30k(args: argparse.Namespace) -> int:
 def run_synthetic(args: argparse.Namespace) -> int:
     from kosmos2.eval import synthetic
 
+    if args.samples_file is not None:
+        return _run_samples_file(args)
     try:
         options = _run_options(args)
-        if args.samples_file is not None:
-            rec, phrases = synthetic.load_samples(args.samples_file)
-        else:
-            rec, phrases = synthetic.world_samples(args.split, args.n_per_task)
+        if args.n_per_task < 1:
+            raise ValueError(f"--n-per-task must be a positive number of queries, got {args.n_per_task}")
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit must be a positive number of queries, got {args.limit}")
+        # --limit N: the first N queries of each task and split (a prefix of the full run, so cached)
+        n = min(args.n_per_task, args.limit) if args.limit is not None else args.n_per_task
+        generation = generation_settings(args)
+        if args.no_repeat_ngram_size < 0:
+            raise ValueError(f"--no-repeat-ngram-size must be >= 0, got {args.no_repeat_ngram_size}")
+        generation["no_repeat_ngram_size"] = args.no_repeat_ngram_size
+        if args.samples < 0:
+            raise ValueError(f"--samples must be >= 0, got {args.samples}")
+    except (ValueError, FileNotFoundError) as e:
+        return _fail(str(e))
+    splits = synthetic.HELD_OUT_SPLITS if args.split == "all" else (args.split,)
+    predictor = load_predictor(args)
+    result = synthetic.evaluate_world(
+        predictor,
+        args.out,
+        splits=splits,
+        n_per_task=n,
+        tasks=args.tasks,
+        generation=generation,
+        examples=args.samples,
+        **options,
+    )
+    for split, by_task in result["results"].items():
+        print(f"{split}: " + ", ".join(_headline(task, s) for task, s in by_task.items()))
+    for row in result["targets"]:
+        if row["met"] is not None:
+            verdict = "pass" if row["met"] else "FAIL"
+            size = "" if row["full_size"] else f", n={row['n']} < {synthetic.MIN_QUERIES}"
+            print(
+                f"target {row['split']} {row['label']} >= {row['target']:.2f}: {row['measured']:.3f} "
+                f"{verdict}{size}"
+            )
+    print(f"report: {os.fspath(args.out / 'report.md')}")
+    return 0
+
+
+def _headline(task: str, s: dict[str, Any]) -> str:
+    if task == "rec":
+        return f"REC Acc@0.5 {s['accuracy']:.3f}"
+    if task == "phrase_grounding":
+        return f"phrase R@1 {s['R@1']:.3f}"
+    if task == "grounded_caption":
+        return f"caption entities P {s['precision']:.3f} R {s['recall']:.3f}"
+    if task in ("vqa", "grounded_vqa"):
+        return f"{task} {s['accuracy']:.3f}"
+    return f"{task} exact {s['exact_match']:.3f}"
+
+
+def _run_samples_file(args: argparse.Namespace) -> int:
+    """REC / phrase samples of a JSON Lines file, reported as the benchmarks are (OUT/rec, OUT/phrases)."""
+    from kosmos2.eval import synthetic
+
+    try:
+        options = _run_options(args)
+        rec, phrases = synthetic.load_samples(args.samples_file)
         rec, phrases = _limit(rec, args.limit), _limit(phrases, args.limit)
         generation = generation_settings(args)
     except (ValueError, FileNotFoundError) as e:

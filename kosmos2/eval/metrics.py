@@ -14,6 +14,15 @@ protocol follows the released evaluation scripts:
 - Phrase grounding (Flickr30k Entities), ANY-box protocol: a phrase may have several ground-truth boxes and
   R@k counts it found when any of the first k generated boxes reaches IoU ≥ 0.5 with any of them.
   Several ground-truth boxes for a REC query are treated the same way (the best one counts).
+
+For the synthetic world (kosmos2/eval/synthetic.py), beyond the official protocol:
+
+- Text answers (REG, VQA, captions) are compared after `normalize_answer`: lower case, whitespace collapsed,
+  trailing periods dropped.
+- Grounded-caption entities are scored as (phrase, box) pairs: a predicted pair is a true positive when its
+  phrase equals a ground-truth phrase after `normalize_answer` and its box is paired one-to-one (a maximum
+  matching, `max_matching`) with a true box of that phrase at IoU ≥ 0.5. Precision counts over predicted
+  pairs, recall over true pairs, both summed over all queries before dividing (micro average).
 """
 
 from __future__ import annotations
@@ -155,3 +164,94 @@ def recall_summary(
             row[f"R@{k}"] = 100.0 * hits[group][k] / n if n else 0.0
         out[group] = row
     return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Text answers and grounded-caption entities (the synthetic world; not part of the official protocol)
+
+
+def normalize_answer(text: str) -> str:
+    """Text as exact-match scoring compares it: lower case, inner whitespace runs collapsed to one space,
+    outer whitespace and trailing periods dropped ("The  red circle ." -> "the red circle")."""
+    t = " ".join(text.lower().split())
+    while t.endswith("."):
+        t = t[:-1].rstrip()
+    return t
+
+
+def max_matching(
+    predicted: Sequence[Sequence[float]], truth: Sequence[Sequence[float]], threshold: float = IOU_THRESHOLD
+) -> int:
+    """The largest number of one-to-one (predicted, true) box pairs whose IoU is ≥ threshold.
+
+    A maximum bipartite matching by augmenting paths (Kuhn's algorithm). Exact, unlike pairing greedily by
+    IoU, which can pair a predicted box with the one true box another prediction needed and so undercount.
+    """
+    edges = [[j for j, t in enumerate(truth) if iou(p, t) >= threshold] for p in predicted]
+    owner = [-1] * len(truth)  # owner[j]: the predicted box paired with true box j, -1 while unpaired
+
+    def augment(i: int, seen: set[int]) -> bool:
+        for j in edges[i]:
+            if j in seen:
+                continue
+            seen.add(j)
+            if owner[j] < 0 or augment(owner[j], seen):
+                owner[j] = i
+                return True
+        return False
+
+    return sum(augment(i, set()) for i in range(len(predicted)))
+
+
+@dataclass(frozen=True)
+class PairCounts:
+    """(phrase, box) pairs of one query: matched one-to-one, predicted, and in the ground truth."""
+
+    matched: int
+    predicted: int
+    true: int
+
+
+def entity_pair_counts(
+    predicted: Sequence[tuple[str, Sequence[Sequence[float]]]],
+    truth: Sequence[tuple[str, Sequence[Sequence[float]]]],
+    threshold: float = IOU_THRESHOLD,
+) -> PairCounts:
+    """Score the entities of one grounded caption: each side a list of (phrase, boxes).
+
+    Every box of an entity is one (phrase, box) pair. Pairs are grouped by normalised phrase
+    (`normalize_answer`; entities repeating a phrase pool their boxes); within a phrase, predicted and true
+    boxes are paired one-to-one (`max_matching`, IoU ≥ threshold). Boxes under a phrase the truth lacks, and
+    extra boxes under a right phrase, are unmatched predicted pairs; true boxes nobody matched are misses.
+    """
+    groups: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
+    for side, entities in ((0, predicted), (1, truth)):
+        for phrase, boxes in entities:
+            groups[normalize_answer(phrase)][side].extend(boxes)
+    matched = sum(max_matching(p, t, threshold) for p, t in groups.values() if p and t)
+    return PairCounts(
+        matched=matched,
+        predicted=sum(len(boxes) for _, boxes in predicted),
+        true=sum(len(boxes) for _, boxes in truth),
+    )
+
+
+def precision_recall(counts: Iterable[PairCounts]) -> dict[str, float | int]:
+    """Micro-averaged precision, recall and F1 over queries: pairs summed first, then divided.
+
+    A denominator of 0 gives 0.0 (no predicted pairs: precision 0; no true pairs: recall 0).
+    """
+    matched = predicted = true = 0
+    for c in counts:
+        matched, predicted, true = matched + c.matched, predicted + c.predicted, true + c.true
+    precision = matched / predicted if predicted else 0.0
+    recall = matched / true if true else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "matched": matched,
+        "predicted": predicted,
+        "true": true,
+    }
