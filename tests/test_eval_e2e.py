@@ -184,46 +184,6 @@ def test_flickr30k_captions(tmp_path, checkpoint) -> None:
     assert m["generation"] == {"max_new_tokens": 6, "num_beams": 5} and m["run"]["queries"] == 2
 
 
-def test_synthetic_end_to_end(tmp_path, checkpoint) -> None:
-    pytest.importorskip("kosmos2.data.synthetic")
-    out = tmp_path / "syn"
-    assert (
-        main(
-            [
-                "eval",
-                "synthetic",
-                "--n-per-task",
-                "2",
-                "--checkpoint",
-                str(checkpoint),
-                "--out",
-                str(out),
-                *RUN,
-            ]
-        )
-        == 0
-    )
-    assert json.loads((out / "rec" / "metrics.json").read_text())["results"]["synthetic"]["rec"]["count"] == 2
-    assert json.loads((out / "phrases" / "metrics.json").read_text())["run"]["queries"] == 2
-    assert (
-        main(
-            [
-                "eval",
-                "synthetic",
-                "--n-per-task",
-                "2",
-                "--checkpoint",
-                str(checkpoint),
-                "--out",
-                str(out),
-                *RUN,
-            ]
-        )
-        == 0
-    )
-    assert json.loads((out / "rec" / "metrics.json").read_text())["run"]["from_cache"] == 2
-
-
 def test_bad_arguments_fail_with_a_message(tmp_path, checkpoint, capsys) -> None:
     rc = main(
         [

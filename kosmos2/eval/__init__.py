@@ -4,7 +4,7 @@
     runner.py        batched inference through the predictor, resumable JSON Lines prediction cache
     refcoco.py       RefCOCO / RefCOCO+ / RefCOCOg: refer pickles or MDETR json; REC and REG
     flickr30k.py     Flickr30k Entities: official XML + Sentences or MDETR json; phrase grounding, captioning
-    synthetic.py     the same metrics on in-memory samples (the synthetic world) or a JSON Lines file
+    synthetic.py     the synthetic world's held-out splits, every task; or REC/phrase samples (JSONL)
     text_metrics.py  CIDEr / METEOR / BLEU-4 / ROUGE-L through pycocoevalcap
     report.py        metrics.json, records.jsonl, report.md, plots, sample sheet
     cli.py           `kosmos2 eval refcoco | flickr30k | synthetic`
