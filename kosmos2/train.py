@@ -1,0 +1,834 @@
+"""`kosmos2 train`: train a Kosmos-2 on the synthetic world (kosmos2/data/synthetic.py), from scratch.
+
+This is how the built-in default model (kosmos2/assets/default) is made: `kosmos2 train --recipe default`
+reproduces it, bit for bit on the same machine and torch build.
+
+    recipe ─► tokenizer (BPE on the world's text, Kosmos-2 layout) ─► model (config preset, fresh weights)
+          ─► for step in steps:  batch(seed, step) ─► loss (SPEC §3 mask) ─► clip ─► AdamW ─► LR schedule
+                                 every N steps: checkpoint.pt (atomic); log.jsonl, progress bar
+          ─► model/ (Hugging Face layout: config.json, model.safetensors, tokenizer files)
+
+A batch is a pure function of (seed, step): `scenes_per_step` scenes, each rendered once and encoded once,
+each posing `samples_per_scene` tasks drawn from the mixture; the rows of one scene share its image
+embeddings (the vision encoder runs once per scene, the decoder once per row). So the data position of a
+run is its step number, and a run killed at any moment resumes from its last checkpoint (model, optimizer,
+schedule, step, RNG states) to the same weights an uninterrupted run ends with.
+
+Output folder of a run:
+
+    recipe.json     the recipe (a resumed run must match it)
+    tokenizer/      the trained tokenizer
+    checkpoint.pt   the latest training state (written to a temporary file, then renamed)
+    log.jsonl       one JSON object per logged step: step, loss, lr, grad_norm, tokens/s, elapsed
+    model/          the final model, loadable by `Predictor.from_pretrained("OUT/model")`
+
+`measure_world` scores a model on the world's fixed evaluation sets (REC, grounded captions, REG, VQA);
+`kosmos2 train` prints a short version of it at the end of a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:  # torch and the model are imported when a run starts: `kosmos2 --help` stays fast
+    import torch
+
+    from kosmos2.model import Kosmos2
+    from kosmos2.predictor import Predictor
+    from kosmos2.tokenizer import Kosmos2Tokenizer
+
+CHECKPOINT_FILE = "checkpoint.pt"
+RECIPE_FILE = "recipe.json"
+LOG_FILE = "log.jsonl"
+TOKENIZER_DIR = "tokenizer"
+MODEL_DIR = "model"
+CHECKPOINT_FORMAT = 1
+
+# Decoding settings shipped with models trained here (generation_config.json). The world's captions repeat
+# short word sequences ("</object>, <phrase> a small"), which the official no-repeat-ngram 3 would forbid.
+GENERATION_SETTINGS = {"max_new_tokens": 96, "no_repeat_ngram_size": 0}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Recipes
+
+
+def _default_mixture() -> dict[str, float]:
+    # REC and grounded captions carry most of the location tokens; every task of the world is present so the
+    # model answers every prompt of SPEC §1 the world has.
+    return {
+        "grounded_caption": 0.25,
+        "caption": 0.03,
+        "rec": 0.3,
+        "phrase_grounding": 0.07,
+        "reg": 0.15,
+        "grounded_vqa": 0.05,
+        "vqa": 0.15,
+    }
+
+
+@dataclass
+class Recipe:
+    """Everything that decides a training run: the same recipe gives the same weights.
+
+    Steps and batch: `steps` optimizer steps of `scenes_per_step` scenes × `samples_per_scene` task samples.
+    Optimizer: AdamW (betas, eps, weight decay on matrices only), LR linear warm-up over `warmup_steps` to
+    `lr`, then cosine decay to `lr * final_lr_fraction`; gradients clipped to norm `grad_clip`.
+    """
+
+    preset: str = "small"  # kosmos2.config preset; the vocabulary size comes from the trained tokenizer
+    steps: int = 3000
+    scenes_per_step: int = 16
+    samples_per_scene: int = 4
+    mixture: dict[str, float] = field(default_factory=_default_mixture)
+    lr: float = 1e-3
+    final_lr_fraction: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    grad_clip: float = 1.0
+    bf16: bool = True  # autocast the forward pass to bfloat16 (weights and optimizer stay float32)
+    seed: int = 0
+    tokenizer_vocab_size: int = 256  # base BPE vocabulary (fairseq specials + pieces); 1036 tags follow
+    tokenizer_corpus_lines: int = 20000
+    location_init: bool = True  # start the location tokens from a 2-D sinusoidal code (see init_locations)
+    checkpoint_every: int = 100
+    log_every: int = 10
+    export_dtype: str = "bfloat16"  # dtype of the exported model/ weights
+
+    def validate(self) -> Recipe:
+        from kosmos2.config import PRESETS
+        from kosmos2.data.synthetic import TASKS
+
+        if self.preset not in PRESETS:
+            raise ValueError(f"recipe preset {self.preset!r} is not one of {sorted(PRESETS)}")
+        for name in ("steps", "scenes_per_step", "samples_per_scene", "checkpoint_every", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"recipe {name} must be a positive int, got {value!r}")
+        if not self.mixture or any(t not in TASKS for t in self.mixture):
+            raise ValueError(f"recipe mixture {self.mixture} must name tasks of {TASKS}")
+        if any(not w >= 0 for w in self.mixture.values()) or sum(self.mixture.values()) <= 0:
+            raise ValueError(f"recipe mixture {self.mixture} needs weights >= 0 with a positive sum")
+        if not self.lr > 0 or not 0 <= self.final_lr_fraction <= 1:
+            raise ValueError(
+                f"recipe lr must be > 0 and final_lr_fraction in [0, 1], got {self.lr}, "
+                f"{self.final_lr_fraction}"
+            )
+        if self.warmup_steps < 0 or self.grad_clip <= 0 or self.weight_decay < 0:
+            raise ValueError("recipe warmup_steps and weight_decay must be >= 0 and grad_clip > 0")
+        if self.export_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"recipe export_dtype {self.export_dtype!r}: use float32, bfloat16 or float16")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Recipe:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown recipe fields {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d).validate()
+
+
+RECIPES: dict[str, Callable[[], Recipe]] = {
+    # the built-in default model: preset "small", about 45 minutes on 2 CPU cores
+    "default": lambda: Recipe(),
+    # seconds, for tests and trying the loop: the "tiny" preset, a few steps
+    "test": lambda: Recipe(
+        preset="tiny",
+        steps=8,
+        scenes_per_step=2,
+        samples_per_scene=2,
+        lr=3e-3,
+        warmup_steps=2,
+        tokenizer_vocab_size=128,
+        tokenizer_corpus_lines=400,
+        checkpoint_every=2,
+        log_every=1,
+        export_dtype="float32",
+    ),
+}
+
+
+def get_recipe(name: str, **overrides: Any) -> Recipe:
+    """A named recipe (`RECIPES`) with some fields replaced, validated."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}")
+    recipe = RECIPES[name]()
+    known = {f.name for f in dataclasses.fields(Recipe)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown recipe fields {unknown}; known: {sorted(known)}")
+    return dataclasses.replace(recipe, **overrides).validate()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tokenizer and model
+
+
+def build_tokenizer(recipe: Recipe, directory: str | os.PathLike[str]) -> Kosmos2Tokenizer:
+    """Train the BPE tokenizer on the world's text (`synthetic.corpus`) and save it in `directory`."""
+    from kosmos2.data.synthetic import corpus
+    from kosmos2.tokenizer import train_tokenizer
+
+    return train_tokenizer(
+        corpus(recipe.tokenizer_corpus_lines, seed=recipe.seed), recipe.tokenizer_vocab_size, directory
+    )
+
+
+def model_config(recipe: Recipe, tokenizer: Kosmos2Tokenizer):
+    """The recipe's preset with the vocabulary of `tokenizer` (the output head covers exactly its ids)."""
+    from kosmos2.config import Kosmos2Config
+
+    config = Kosmos2Config.from_preset(recipe.preset)
+    text = dataclasses.replace(config.text, vocab_size=tokenizer.vocab_size)
+    return dataclasses.replace(config, text=text)
+
+
+def init_locations(model: Kosmos2, tokenizer: Kosmos2Tokenizer) -> None:
+    """Give the 1024 location tokens a 2-D sinusoidal embedding: the first half of the width codes the row,
+    the second half the column, at geometric frequencies (periods 2 to 64 cells).
+
+    Neighbouring cells start with similar embeddings, and since the output head is the embedding, a logit
+    starts as a sum of a row score and a column score: the model can learn where a corner is along each axis
+    instead of learning 1024 unrelated classes. Scaled to the std of the other embeddings (0.02).
+    """
+    import torch
+
+    from kosmos2.grounding import GRID
+
+    embedding = model.text_model.model.embed_tokens.weight  # [V, C]
+    C = embedding.shape[1]
+    quarter = C // 4
+    cells = torch.arange(GRID * GRID)
+    rows, cols = (cells // GRID).float(), (cells % GRID).float()  # [1024]
+    periods = 2.0 * 32.0 ** (torch.arange(quarter).float() / max(quarter - 1, 1))  # 2 … 64 cells
+    freqs = 2 * math.pi / periods  # [quarter]
+
+    def code(x: torch.Tensor) -> torch.Tensor:  # [1024] -> [1024, 2*quarter]
+        angles = x[:, None] * freqs[None, :]
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+    table = torch.zeros(GRID * GRID, C)
+    table[:, : 2 * quarter] = code(rows)
+    table[:, 2 * quarter : 4 * quarter] = code(cols)
+    table *= 0.02 / table[:, : 4 * quarter].std()
+    start = tokenizer.patch_index_offset
+    with torch.no_grad():
+        embedding[start : start + GRID * GRID] = table.to(embedding.dtype)
+
+
+def build_model(recipe: Recipe, tokenizer: Kosmos2Tokenizer) -> Kosmos2:
+    """Fresh weights for the recipe's config, seeded by the recipe's seed."""
+    import torch
+
+    from kosmos2.model import Kosmos2
+
+    torch.manual_seed(recipe.seed)
+    model = Kosmos2(model_config(recipe, tokenizer))
+    if recipe.location_init:
+        init_locations(model, tokenizer)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Data: a batch is a pure function of (seed, step)
+
+
+@dataclass
+class Chunk:
+    """Rows of similar length, RIGHT padded: input_ids, targets [R,T] (targets[r,t] is the token to predict
+    at t, -100 outside the loss and on padding), image_mask [R,T] (the image slots), image_index [R] (the
+    scene of each row)."""
+
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    image_mask: torch.Tensor
+    image_index: torch.Tensor
+
+
+@dataclass
+class Batch:
+    """One training step's data: pixel_values [S,3,H,W] (one image per scene) and the rows in chunks.
+
+    Rows are sorted by length and cut into chunks of `CHUNK_ROWS`, each padded on the right to its own
+    longest row. Right padding needs no attention mask: a causal row never looks ahead at its padding, and
+    pad tokens do not shift positions (SPEC §6), so every row computes what it would alone.
+    """
+
+    pixel_values: torch.Tensor
+    chunks: list[Chunk]
+    tasks: list[str]
+
+    @property
+    def loss_tokens(self) -> int:
+        return sum(int((c.targets != -100).sum()) for c in self.chunks)
+
+    @property
+    def tokens(self) -> int:
+        """Real (non-padding) tokens in the batch."""
+        return sum(int((c.input_ids != PAD_ID).sum()) for c in self.chunks)
+
+
+CHUNK_ROWS = 16
+PAD_ID = 1  # the fairseq <pad> id of every Kosmos-2 tokenizer
+
+
+def batch_samples(recipe: Recipe, step: int) -> list[tuple[Any, list[dict[str, Any]]]]:
+    """The (scene, samples) of training step `step`: `scenes_per_step` train scenes, each with up to
+    `samples_per_scene` samples of tasks drawn from the mixture (a task the scene cannot pose is skipped)."""
+    from kosmos2.data import synthetic
+
+    names = [t for t, w in recipe.mixture.items() if w > 0]
+    weights = [recipe.mixture[t] for t in names]
+    out = []
+    for k in range(recipe.scenes_per_step):
+        scene = synthetic.make_scene(synthetic.scene_seed("train", recipe.seed, "scene", step, k), "train")
+        rng = random.Random(synthetic.scene_seed("train", recipe.seed, "tasks", step, k))
+        samples = []
+        for task in rng.choices(names, weights=weights, k=recipe.samples_per_scene):
+            sample = synthetic.build_sample(scene, task, rng)
+            if sample is not None:
+                samples.append(sample)
+        if samples:
+            out.append((scene, samples))
+    return out
+
+
+def make_batch(
+    recipe: Recipe, step: int, tokenizer: Kosmos2Tokenizer, image_size: int, num_image_tokens: int
+) -> Batch:
+    """Render, preprocess and tokenise the samples of `step` (see `batch_samples`).
+
+    Scenes are rendered at their native size and resized by `kosmos2.image.preprocess`, exactly as an image
+    reaches the model at inference. Each row is `tokenizer.encode_for_training(prompt, target)`.
+    """
+    import torch
+
+    from kosmos2.data import synthetic
+    from kosmos2.image import preprocess
+
+    if tokenizer.pad_id != PAD_ID:
+        raise ValueError(
+            f"the tokenizer's <pad> id is {tokenizer.pad_id}, expected {PAD_ID} (fairseq layout)"
+        )
+    scenes = batch_samples(recipe, step)
+    pixels = preprocess([synthetic.render(scene) for scene, _ in scenes], size=image_size)
+    rows = []  # (ids, image_mask, targets, scene index, task)
+    for i, (_, samples) in enumerate(scenes):
+        for sample in samples:
+            ids, image_mask, loss_mask = tokenizer.encode_for_training(
+                sample["prompt"], sample["target"], num_image_tokens=num_image_tokens
+            )
+            # next-token targets: position t predicts ids[t + 1] where the loss covers it (SPEC §3)
+            targets = [n if learn else -100 for n, learn in zip(ids[1:], loss_mask[1:], strict=True)] + [-100]
+            rows.append((ids, image_mask, targets, i, sample["task"]))
+    rows.sort(key=lambda r: len(r[0]))  # stable: equal lengths keep their order
+    chunks = []
+    for start in range(0, len(rows), CHUNK_ROWS):
+        part = rows[start : start + CHUNK_ROWS]
+        T = len(part[-1][0])
+        input_ids = torch.full((len(part), T), PAD_ID, dtype=torch.long)
+        targets = torch.full((len(part), T), -100, dtype=torch.long)
+        image_mask = torch.zeros((len(part), T), dtype=torch.bool)
+        for r, (ids, mask, tgt, _, _) in enumerate(part):
+            input_ids[r, : len(ids)] = torch.tensor(ids)
+            targets[r, : len(ids)] = torch.tensor(tgt)
+            image_mask[r, : len(ids)] = torch.tensor(mask)
+        index = torch.tensor([r[3] for r in part], dtype=torch.long)
+        chunks.append(Chunk(input_ids, targets, image_mask, index))
+    return Batch(pixel_values=pixels, chunks=chunks, tasks=[r[4] for r in rows])
+
+
+def compute_loss(model: Kosmos2, batch: Batch, bf16: bool = False) -> torch.Tensor:
+    """Mean cross-entropy over all target tokens of the batch (SPEC §3: everything after the image slots).
+
+    The image encoder runs once per scene; each chunk's rows take their scene's embeddings. The chunks'
+    mean losses are weighted by their token counts, which gives the mean over the whole batch.
+    """
+    import torch
+
+    total = batch.loss_tokens
+    loss = torch.zeros(())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        embeds = model.encode_image(batch.pixel_values)  # [S, Q, C]
+        for chunk in batch.chunks:
+            _, chunk_loss = model(
+                chunk.input_ids,
+                image_embeds=embeds[chunk.image_index],  # [R, Q, C]: a scene's rows share its embeddings
+                image_mask=chunk.image_mask,
+                targets=chunk.targets,
+            )
+            loss = loss + chunk_loss * (int((chunk.targets != -100).sum()) / total)
+    return loss
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def make_optimizer(model: Kosmos2, recipe: Recipe) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (linear, embedding, latent queries), none on biases and norms."""
+    import torch
+
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": recipe.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=recipe.lr, betas=recipe.betas, eps=recipe.eps)
+
+
+def lr_factor(step: int, recipe: Recipe) -> float:
+    """LR multiplier at `step`: linear warm-up from 1/warmup to 1, then cosine to `final_lr_fraction`."""
+    if step < recipe.warmup_steps:
+        return (step + 1) / recipe.warmup_steps
+    span = max(recipe.steps - recipe.warmup_steps, 1)
+    progress = min((step - recipe.warmup_steps) / span, 1.0)
+    floor = recipe.final_lr_fraction
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """torch.save to a temporary file beside `path`, fsync, then rename over it: a reader (or a run killed
+    mid-write) sees either the previous checkpoint or the new one, never a partial file."""
+    import torch
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(
+            f"{path}: not a readable training checkpoint ({reason}); delete it to start over"
+        ) from e
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a kosmos2 training checkpoint (format {CHECKPOINT_FORMAT})")
+    return state
+
+
+def _rng_state() -> dict[str, Any]:
+    import torch
+
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Progress
+
+
+class Progress:
+    """A one-line progress bar on a terminal (a plain line every `every` steps otherwise): step, loss,
+    tokens/s and the estimated time left."""
+
+    def __init__(self, total: int, start: int, stream: TextIO | None = None, every: int = 50):
+        self.total, self.start, self.every = total, start, every
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = time.monotonic()
+
+    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+        done = step + 1
+        if not self.tty and done % self.every and done != self.total:
+            return
+        rate = (done - self.start) / max(time.monotonic() - self.t0, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        width = 24
+        filled = int(width * done / self.total)
+        bar = "#" * filled + "." * (width - filled)
+        line = (
+            f"step {done}/{self.total} [{bar}] loss {loss:.4f} "
+            f"{tokens_per_s / 1000:.1f}k tok/s ETA {_clock(eta)}"
+        )
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if done == self.total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "--:--"
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60:02d}:{rest % 60:02d}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(
+    recipe: Recipe,
+    out_dir: str | os.PathLike[str],
+    *,
+    stop_after: int | None = None,
+    progress: bool = True,
+    progress_stream: TextIO | None = None,
+) -> Path:
+    """Run (or resume) `recipe` in `out_dir`; return the folder of the exported model (`out_dir/model`).
+
+    A folder holding a checkpoint resumes from it; its recipe.json must equal `recipe`. `stop_after`: stop
+    (with a checkpoint) once that many steps are done, without exporting, as if the run had been killed
+    after a checkpoint. The model is exported when the last step is done.
+    """
+    import torch
+
+    from kosmos2.tokenizer import Kosmos2Tokenizer
+
+    recipe.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe_path, checkpoint_path = out / RECIPE_FILE, out / CHECKPOINT_FILE
+    if recipe_path.exists():
+        saved = json.loads(recipe_path.read_text(encoding="utf-8"))
+        wanted = recipe.to_dict()
+        if saved != wanted:
+            changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+            raise ValueError(
+                f"{out} holds a run of another recipe (differs in {changed}); choose a new --out folder "
+                "or delete this one to start over"
+            )
+    else:
+        recipe_path.write_text(json.dumps(recipe.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    tokenizer_dir = out / TOKENIZER_DIR
+    if (tokenizer_dir / "tokenizer.json").exists():
+        tokenizer = Kosmos2Tokenizer.from_pretrained(tokenizer_dir)
+    else:
+        tokenizer = build_tokenizer(recipe, tokenizer_dir)
+    model = build_model(recipe, tokenizer)
+    optimizer = make_optimizer(model, recipe)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, recipe))
+
+    step, elapsed, tokens_seen = 0, 0.0, 0
+    if checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        step, elapsed, tokens_seen = state["step"], state["elapsed"], state["tokens"]
+    else:
+        torch.manual_seed(recipe.seed + 1)  # dropout's stream, independent of the initialisation's
+
+    config = model.config
+    image_size, num_image_tokens = config.vision.image_size, config.latent_query_num
+    end = recipe.steps if stop_after is None else min(recipe.steps, stop_after)
+    bar = Progress(recipe.steps, step, progress_stream) if progress and step < end else None
+    params = [p for p in model.parameters()]
+    model.train()
+    with open(out / LOG_FILE, "a", encoding="utf-8") as log:
+        while step < end:
+            t0 = time.monotonic()
+            batch = make_batch(recipe, step, tokenizer, image_size, num_image_tokens)
+            loss = compute_loss(model, batch, recipe.bf16)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip))
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            dt = time.monotonic() - t0
+            elapsed += dt
+            tokens = batch.tokens
+            tokens_seen += tokens
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"step {step}: the loss is {loss_value}; lower the recipe's lr")
+            if step % recipe.log_every == 0 or step == end:
+                record = {
+                    "step": step,
+                    "loss": round(loss_value, 5),
+                    "lr": lr,
+                    "grad_norm": round(grad_norm, 4),
+                    "rows": len(batch.tasks),
+                    "tokens": tokens,
+                    "tokens_per_s": round(tokens / dt, 1),
+                    "elapsed_s": round(elapsed, 2),
+                }
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if bar is not None:
+                bar.update(step - 1, loss_value, tokens / dt)
+            if step % recipe.checkpoint_every == 0 or step == end:
+                state = {
+                    "format": CHECKPOINT_FORMAT,
+                    "step": step,
+                    "elapsed": elapsed,
+                    "tokens": tokens_seen,
+                    "recipe": recipe.to_dict(),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state(),
+                }
+                save_checkpoint(checkpoint_path, state)
+    model_dir = out / MODEL_DIR
+    if step >= recipe.steps:
+        export(model, tokenizer, model_dir, recipe.export_dtype)
+    return model_dir
+
+
+def export(
+    model: Kosmos2, tokenizer: Kosmos2Tokenizer, directory: str | os.PathLike[str], dtype: str
+) -> Path:
+    """Write `model` and `tokenizer` as a Hugging Face layout checkpoint (weights in `dtype`), with decoding
+    settings that suit the world's text (GENERATION_SETTINGS) and a CLIP preprocessor config."""
+    import copy
+
+    import torch
+
+    from kosmos2.checkpoint import GENERATION_CONFIG, save_pretrained
+    from kosmos2.image import CLIP_MEAN, CLIP_STD
+
+    directory = Path(directory)
+    copy_ = copy.deepcopy(model).to(getattr(torch, dtype)).eval()
+    save_pretrained(copy_, directory)
+    tokenizer.save_pretrained(directory)
+    generation = {**GENERATION_CONFIG, **GENERATION_SETTINGS}
+    (directory / "generation_config.json").write_text(
+        json.dumps(generation, indent=2) + "\n", encoding="utf-8"
+    )
+    size = model.config.vision.image_size
+    preprocessor = {
+        "image_processor_type": "CLIPImageProcessor",
+        "processor_class": "Kosmos2Processor",
+        "do_resize": True,
+        "size": {"height": size, "width": size},
+        "resample": 3,  # bicubic
+        "do_center_crop": False,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
+        "do_convert_rgb": True,
+        "num_image_tokens": model.config.latent_query_num,
+    }
+    (directory / "preprocessor_config.json").write_text(
+        json.dumps(preprocessor, indent=2) + "\n", encoding="utf-8"
+    )
+    return directory
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Measuring a model on the world
+
+
+def _entity_matches(predicted: Sequence[tuple[str, Sequence]], truth: Sequence[tuple[str, Sequence]]) -> int:
+    """Entities of `predicted` that match a distinct entity of `truth`: same phrase, same number of boxes,
+    and a one-to-one pairing of the boxes with IoU >= 0.5 (greedy by IoU, which is exact here: the world's
+    boxes of one phrase barely overlap)."""
+    from kosmos2.grounding import iou
+
+    used = [False] * len(truth)
+    matched = 0
+    for phrase, boxes in predicted:
+        for j, (true_phrase, true_boxes) in enumerate(truth):
+            if used[j] or phrase != true_phrase or len(boxes) != len(true_boxes):
+                continue
+            pairs = sorted(
+                ((iou(p, t), a, b) for a, p in enumerate(boxes) for b, t in enumerate(true_boxes)),
+                reverse=True,
+            )
+            taken_p, taken_t, good = set(), set(), 0
+            for value, a, b in pairs:
+                if a in taken_p or b in taken_t:
+                    continue
+                taken_p.add(a)
+                taken_t.add(b)
+                good += value >= 0.5
+            if good == len(true_boxes):
+                used[j] = True
+                matched += 1
+                break
+    return matched
+
+
+def score_sample(sample: Mapping[str, Any], text: str) -> dict[str, float]:
+    """Scores of one generated continuation `text` (markup kept) for a world sample.
+
+    rec / phrase_grounding: acc (the first generated box has IoU >= 0.5 with a true box); grounded_caption:
+    matched, predicted, true entity counts; reg, vqa, grounded_vqa, caption: exact (the answer equals the
+    reference after stripping).
+    """
+    from kosmos2 import grounding
+
+    task = sample["task"]
+    if task in ("rec", "phrase_grounding"):
+        boxes = [b for e in grounding.parse(text).entities for b in e.boxes]
+        if not boxes:  # an <object> right after the prompt's phrase has no phrase of its own in the text
+            boxes = [b for e in grounding.parse(sample["prompt"] + text).entities for b in e.boxes]
+        ok = bool(boxes) and max(grounding.iou(boxes[0], t) for t in sample["boxes"]) >= 0.5
+        return {"acc": float(ok)}
+    if task == "grounded_caption":
+        parsed = grounding.parse(sample["prompt"] + text)
+        predicted = [(e.phrase.strip(), e.boxes) for e in parsed.entities]
+        truth = [(phrase.strip(), boxes) for phrase, boxes in sample["entities"]]
+        return {"matched": _entity_matches(predicted, truth), "predicted": len(predicted), "true": len(truth)}
+    answer = grounding.parse(text).caption.strip()
+    reference = sample["answer"]
+    if task == "caption":
+        answer = grounding.parse(sample["prompt"] + text).caption.strip()
+    return {"exact": float(answer == reference.strip())}
+
+
+def summarize(task: str, scores: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Task metrics from `score_sample` results: accuracy, or entity precision / recall for captions."""
+    n = len(scores)
+    if task == "grounded_caption":
+        matched = sum(s["matched"] for s in scores)
+        predicted = sum(s["predicted"] for s in scores)
+        true = sum(s["true"] for s in scores)
+        return {
+            "precision": matched / predicted if predicted else 0.0,
+            "recall": matched / true if true else 0.0,
+            "n": n,
+        }
+    key = "acc" if task in ("rec", "phrase_grounding") else "exact"
+    return {"accuracy": sum(s[key] for s in scores) / n if n else 0.0, "n": n}
+
+
+def measure_world(
+    predictor: Predictor,
+    split: str = "test",
+    n_per_task: int = 1000,
+    tasks: Iterable[str] = ("rec", "grounded_caption", "reg", "vqa"),
+    seed: int | None = None,
+    batch_size: int = 64,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Score `predictor` on the world's fixed evaluation set of `split` (`synthetic.make_eval_set`).
+
+    Images are rendered at their native size; decoding is greedy with the model's settings. Returns
+    {task: {"accuracy": …, "n": …}} (REC and phrase grounding: Acc@0.5 of the first box; REG, VQA, captions:
+    exact match) and for grounded captions {"precision": …, "recall": …} over entities (phrase and every box,
+    IoU >= 0.5). on_batch(done, total) is called after each batch.
+    """
+    from kosmos2.data import synthetic
+
+    tasks = list(tasks)
+    samples = synthetic.make_eval_set(split, n_per_task, tasks=tasks, seed=seed)
+    scores: dict[str, list[dict[str, float]]] = {t: [] for t in tasks}
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        images = [synthetic.render(s["scene"]) for s in chunk]
+        results = predictor.ground(images, [s["prompt"] for s in chunk], **GENERATION_SETTINGS)
+        for sample, result in zip(chunk, results, strict=True):
+            scores[sample["task"]].append(score_sample(sample, result.text))
+        if on_batch is not None:
+            on_batch(min(start + batch_size, len(samples)), len(samples))
+    return {task: summarize(task, s) for task, s in scores.items()}
+
+
+def format_quality(split: str, results: Mapping[str, Mapping[str, float]]) -> str:
+    parts = []
+    for task, r in results.items():
+        if "precision" in r:
+            parts.append(f"{task} P {r['precision']:.3f} R {r['recall']:.3f}")
+        else:
+            parts.append(f"{task} {r['accuracy']:.3f}")
+    return f"{split}: " + ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `kosmos2 train` to the top-level parser."""
+    p = subparsers.add_parser(
+        "train",
+        help="train a Kosmos-2 on the synthetic world (reproduces the built-in default model)",
+        description="Train from scratch on the synthetic world. A folder with a checkpoint resumes where it "
+        "stopped. The final model goes to OUT/model (Hugging Face layout).",
+    )
+    p.add_argument("--recipe", default="default", choices=sorted(RECIPES), help="(default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("runs/default"), help="run folder (default: %(default)s)")
+    p.add_argument("--steps", type=int, help="override the recipe's number of steps")
+    p.add_argument("--seed", type=int, help="override the recipe's seed")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
+    p.add_argument(
+        "--eval-per-task", type=int, default=200,
+        help="after training, score the model on this many held-out queries per task (0: skip)",
+    )  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
+    try:
+        recipe = get_recipe(args.recipe, **overrides)
+    except ValueError as e:
+        print(f"kosmos2 train: error: {e}", file=sys.stderr)
+        return 2
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        model_dir = train(recipe, args.out, progress=not args.no_progress)
+    except ValueError as e:
+        print(f"kosmos2 train: error: {e}", file=sys.stderr)
+        return 2
+    print(f"model: {model_dir}")
+    if args.eval_per_task > 0:
+        from kosmos2.predictor import Predictor
+
+        predictor = Predictor.from_pretrained(model_dir)
+        for split in ("test", "compositional"):
+            tasks = ("rec", "grounded_caption", "reg", "vqa") if split == "test" else ("rec",)
+            print(format_quality(split, measure_world(predictor, split, args.eval_per_task, tasks)))
+    return 0

@@ -1,0 +1,400 @@
+"""Tests for kosmos2/train.py: recipes, batches and the SPEC §3 loss mask, the schedule, checkpoints, a real
+kill + resume, the exported model, and the world scores.
+
+References are independent of the code under test: the loss mask is checked against SPEC §3 token by token,
+the chunked right-padded loss against each row run alone through the model with its own cross-entropy, the
+learning rate against values worked out by hand, the scores against hand-built outputs and an oracle that
+answers every query with the world's own target.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kosmos2 import grounding
+from kosmos2 import train as T
+from kosmos2.data import synthetic
+from kosmos2.tokenizer import Kosmos2Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 16  # the runs of this file: the "test" recipe (tiny preset) for 16 steps, a checkpoint every 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Runs here use one torch thread, as the killed subprocess does (same arithmetic in both), and two
+    threads on two busy cores can be many times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def recipe(**overrides) -> T.Recipe:
+    return T.get_recipe("test", steps=STEPS, **overrides)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A whole uninterrupted run of the test recipe, in process."""
+    out = tmp_path_factory.mktemp("run") / "uninterrupted"
+    T.train(recipe(), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(finished_run) -> Kosmos2Tokenizer:
+    return Kosmos2Tokenizer.from_pretrained(finished_run / T.TOKENIZER_DIR)
+
+
+def model_state(run: Path) -> dict[str, torch.Tensor]:
+    return T.load_checkpoint(run / T.CHECKPOINT_FILE)["model"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Recipes
+
+
+def test_recipes_validate_and_reject_bad_fields():
+    for name in T.RECIPES:
+        T.get_recipe(name)
+    assert T.get_recipe("default").preset == "small"
+    with pytest.raises(ValueError, match="unknown recipe 'nope'.*default"):
+        T.get_recipe("nope")
+    with pytest.raises(ValueError, match=r"unknown recipe fields \['stepz'\]"):
+        T.get_recipe("test", stepz=3)
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        T.get_recipe("test", steps=0)
+    with pytest.raises(ValueError, match="mixture"):
+        T.get_recipe("test", mixture={"juggling": 1.0})
+    r = T.get_recipe("test", lr=5e-4)
+    assert T.Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+
+
+def test_lr_schedule_warms_up_then_decays_by_cosine():
+    r = T.get_recipe("test", steps=110, warmup_steps=10, final_lr_fraction=0.1)
+    assert [T.lr_factor(s, r) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert T.lr_factor(10, r) == pytest.approx(1.0)  # the peak: cos(0)
+    assert T.lr_factor(60, r) == pytest.approx(0.1 + 0.9 * 0.5)  # half way: cos(pi/2) = 0
+    assert T.lr_factor(110, r) == pytest.approx(0.1)  # the end: cos(pi) = -1
+    assert T.lr_factor(35, r) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Batches and the loss
+
+
+def test_batch_is_a_pure_function_of_seed_and_step(tokenizer):
+    r = recipe()
+    a, b = (T.make_batch(r, 3, tokenizer, 28, 64) for _ in range(2))
+    assert torch.equal(a.pixel_values, b.pixel_values) and a.tasks == b.tasks
+    for x, y in zip(a.chunks, b.chunks, strict=True):
+        assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.targets, y.targets)
+    c = T.make_batch(r, 4, tokenizer, 28, 64)
+    assert not torch.equal(a.pixel_values, c.pixel_values)
+    d = T.make_batch(T.get_recipe("test", steps=STEPS, seed=1), 3, tokenizer, 28, 64)
+    assert not torch.equal(a.pixel_values, d.pixel_values)
+
+
+def test_batch_rows_follow_the_prompt_layout_and_the_loss_mask_of_spec_3(tokenizer):
+    r = T.get_recipe("test", scenes_per_step=6, samples_per_scene=3)
+    batch = T.make_batch(r, 0, tokenizer, 28, 64)
+    samples = [s for _, group in T.batch_samples(r, 0) for s in group]
+    assert sorted(batch.tasks) == sorted(s["task"] for s in samples) and len(samples) == 18
+    assert batch.pixel_values.shape == (6, 3, 28, 28)
+    texts = {"".join((s["prompt"] + s["target"]).split()) for s in samples}  # compared without spaces
+    for chunk in batch.chunks:
+        for ids, targets, image_mask in zip(chunk.input_ids, chunk.targets, chunk.image_mask, strict=True):
+            n = int((ids != tokenizer.pad_id).sum())
+            assert (ids[n:] == tokenizer.pad_id).all() and (targets[n:] == -100).all()  # right padding
+            ids, targets, image_mask = ids[:n].tolist(), targets[:n].tolist(), image_mask[:n].tolist()
+            # <s> <image> [64 slots 4..67] </image> text </s>
+            assert ids[:2] == [tokenizer.bos_id, tokenizer.image_start_id]
+            assert ids[2:66] == list(range(4, 68)) and image_mask == [False] * 2 + [True] * 64 + [False] * (
+                n - 66
+            )
+            assert ids[66] == tokenizer.image_end_id and ids[-1] == tokenizer.eos_id
+            assert "".join(tokenizer.decode(ids[67:-1]).split()) in texts
+            # the loss covers every token after the last image slot (</image>, text, </s>), none before:
+            # position t predicts token t + 1, so positions 65 .. n-2 carry targets
+            assert targets[:65] == [-100] * 65
+            assert targets[65:-1] == ids[66:]
+            assert targets[-1] == -100
+
+
+def test_chunked_right_padded_loss_equals_each_row_alone(tokenizer):
+    """The batch loss is the mean over all target tokens of every row computed alone (no padding)."""
+    r = T.get_recipe("test", scenes_per_step=5, samples_per_scene=4)
+    model = T.build_model(r, tokenizer).eval()
+    batch = T.make_batch(r, 7, tokenizer, 28, 64)
+    assert len(batch.chunks) >= 2 and len({c.input_ids.shape[1] for c in batch.chunks}) >= 2
+    with torch.no_grad():
+        loss = T.compute_loss(model, batch)
+        embeds = model.encode_image(batch.pixel_values)
+        total, count = 0.0, 0
+        for chunk in batch.chunks:
+            for ids, targets, mask, scene in zip(
+                chunk.input_ids, chunk.targets, chunk.image_mask, chunk.image_index, strict=True
+            ):
+                n = int((ids != tokenizer.pad_id).sum())
+                logits, _ = model(ids[None, :n], image_embeds=embeds[scene][None], image_mask=mask[None, :n])
+                keep = targets[:n] != -100
+                total += float(F.cross_entropy(logits[0, keep], targets[:n][keep], reduction="sum"))
+                count += int(keep.sum())
+    assert count == batch.loss_tokens
+    assert float(loss) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_location_tokens_start_from_a_row_and_column_code(tokenizer):
+    model = T.build_model(recipe(), tokenizer)
+    E = model.text_model.model.embed_tokens.weight.detach()
+    start = tokenizer.patch_index_offset
+    loc = E[start : start + 1024]
+    half = loc.shape[1] // 2
+    # cells of one row share the row half of the code; cells of one column share the column half
+    assert torch.allclose(loc[0, :half], loc[31, :half]) and not torch.allclose(loc[0, half:], loc[31, half:])
+    assert torch.allclose(loc[0, half:], loc[32 * 31, half:]) and not torch.allclose(
+        loc[0, :half], loc[992, :half]
+    )
+    # neighbours are closer than far cells
+    assert (loc[0] - loc[1]).norm() < (loc[0] - loc[16]).norm()
+    assert loc.std() == pytest.approx(0.02, rel=0.2)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Training, checkpoints, resuming
+
+
+def test_a_few_steps_lower_the_loss(finished_run, tokenizer):
+    r = recipe()
+    fresh = T.build_model(r, tokenizer).eval()
+    trained = T.build_model(r, tokenizer)
+    trained.load_state_dict(model_state(finished_run))
+    trained.eval()
+    held_out = T.make_batch(r, 100_000, tokenizer, 28, 64)  # a step the run never saw
+    with torch.no_grad():
+        before, after = float(T.compute_loss(fresh, held_out)), float(T.compute_loss(trained, held_out))
+    assert after < before - 0.5, (before, after)
+    log = [json.loads(line) for line in (finished_run / T.LOG_FILE).read_text().splitlines()]
+    assert [e["step"] for e in log] == list(range(1, STEPS + 1))
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"} <= set(log[0])
+    assert log[-1]["loss"] < log[0]["loss"]
+
+
+def test_killed_run_resumes_to_the_same_weights(finished_run, tmp_path):
+    """SIGKILL a `kosmos2 train` process mid-run, resume in this process: the weights equal an uninterrupted
+    run's bit for bit."""
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "kosmos2.cli", "train", "--recipe", "test", "--steps", str(STEPS)]
+    command += ["--out", str(out), "--eval-per-task", "0", "--no-progress", "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = out / T.LOG_FILE
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            lines = log.read_text().splitlines() if log.exists() else []
+            if len(lines) >= 5:  # step 5 logged: the checkpoint of step 4 exists, step 6 is under way
+                break
+            time.sleep(0.02)
+        assert process.poll() is None, f"the run ended before it was killed: {process.stderr.read()!r}"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    stopped_at = T.load_checkpoint(out / T.CHECKPOINT_FILE)["step"]
+    assert 4 <= stopped_at < STEPS
+    assert not (out / T.MODEL_DIR).exists()
+
+    T.train(recipe(), out, progress=False)
+    resumed, uninterrupted = model_state(out), model_state(finished_run)
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        assert torch.equal(resumed[name], uninterrupted[name]), name
+    a = T.load_checkpoint(out / T.CHECKPOINT_FILE)["optimizer"]["state"]
+    b = T.load_checkpoint(finished_run / T.CHECKPOINT_FILE)["optimizer"]["state"]
+    assert all(torch.equal(a[k]["exp_avg_sq"], b[k]["exp_avg_sq"]) for k in a)
+    assert (out / T.MODEL_DIR / "model.safetensors").read_bytes() == (
+        finished_run / T.MODEL_DIR / "model.safetensors"
+    ).read_bytes()
+    # the log records the steps done before the kill and those redone after it
+    steps = [json.loads(line)["step"] for line in (out / T.LOG_FILE).read_text().splitlines()]
+    assert steps[-1] == STEPS and set(steps) == set(range(1, STEPS + 1))
+
+
+def test_stop_after_then_resume_equals_one_run(finished_run, tmp_path):
+    out = tmp_path / "stopped"
+    T.train(recipe(), out, stop_after=5, progress=False)
+    assert T.load_checkpoint(out / T.CHECKPOINT_FILE)["step"] == 5
+    T.train(recipe(), out, progress=False)
+    resumed, uninterrupted = model_state(out), model_state(finished_run)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def test_a_folder_of_another_recipe_is_refused(finished_run):
+    with pytest.raises(ValueError, match=r"another recipe \(differs in \['lr'\]\).*new --out"):
+        T.train(T.get_recipe("test", steps=STEPS, lr=1e-4), finished_run, progress=False)
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    T.save_checkpoint(path, {"format": T.CHECKPOINT_FORMAT, "step": 1})
+
+    def dies_half_way(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt  # e.g. the process is interrupted while writing
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        T.save_checkpoint(path, {"format": T.CHECKPOINT_FORMAT, "step": 2})
+    assert T.load_checkpoint(path)["step"] == 1  # the previous checkpoint is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left behind
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable training checkpoint.*delete it"):
+        T.load_checkpoint(path)
+
+
+def test_progress_bar_shows_loss_speed_and_eta():
+    import io
+
+    stream = io.StringIO()
+    bar = T.Progress(total=100, start=0, stream=stream, every=50)
+    for step in range(50):
+        bar.update(step, 1.2345, 2500.0)
+    line = stream.getvalue().strip()
+    assert line.startswith("step 50/100 [############............] loss 1.2345 2.5k tok/s ETA ")
+    assert len(stream.getvalue().splitlines()) == 1  # not a terminal: one line every 50 steps
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The exported model and the command line
+
+
+def test_exported_model_loads_in_the_predictor(finished_run):
+    from kosmos2.predictor import Predictor
+
+    model_dir = finished_run / T.MODEL_DIR
+    names = {p.name for p in model_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= names
+    assert {"tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json"} <= names
+    assert json.loads((model_dir / "generation_config.json").read_text())["no_repeat_ngram_size"] == 0
+    predictor = Predictor.from_pretrained(model_dir)
+    trained = T.build_model(recipe(), predictor.tokenizer)
+    trained.load_state_dict(model_state(finished_run))
+    for name, tensor in predictor.model.state_dict().items():
+        assert torch.equal(tensor, trained.state_dict()[name]), name
+    result = predictor.ground(synthetic.render(synthetic.make_scene(5)), max_new_tokens=4)
+    assert isinstance(result.text, str)
+
+
+def test_cli_train_and_its_errors(tmp_path, capsys):
+    from kosmos2.cli import main
+
+    assert (
+        main(["train", "--recipe", "test", "--steps", "2", "--out", str(tmp_path), "--eval-per-task", "1"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert f"model: {tmp_path / 'model'}" in out and "test: rec " in out and "compositional: rec " in out
+    assert main(["train", "--recipe", "test", "--steps", "3", "--out", str(tmp_path)]) == 2
+    assert "another recipe (differs in ['steps'])" in capsys.readouterr().err
+    assert main(["train", "--recipe", "test", "--steps", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "steps must be a positive int" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Scores
+
+
+def _rec_sample(box):
+    return {"task": "rec", "prompt": "<grounding><phrase> the red circle</phrase>", "boxes": [box]}
+
+
+def test_rec_score_takes_the_first_generated_box():
+    box = (0.1, 0.2, 0.4, 0.6)
+    near = (0.12, 0.2, 0.42, 0.6)  # IoU 0.112 / 0.128 = 0.875
+    far = (0.6, 0.6, 0.9, 0.9)
+    assert T.score_sample(_rec_sample(box), grounding.object_markup([near]))["acc"] == 1.0
+    assert T.score_sample(_rec_sample(box), grounding.object_markup([far, near]))["acc"] == 0.0
+    assert T.score_sample(_rec_sample(box), "<object><patch_index_0001></object>")["acc"] == 0.0  # malformed
+    assert T.score_sample(_rec_sample(box), "a red circle")["acc"] == 0.0
+
+
+def test_grounded_caption_entities_need_the_phrase_and_every_box():
+    a, b, c = (0.05, 0.05, 0.3, 0.3), (0.6, 0.1, 0.9, 0.4), (0.4, 0.6, 0.7, 0.9)
+    sample = {
+        "task": "grounded_caption",
+        "prompt": "<grounding>An image of",
+        "entities": [("a small red circle", [a]), ("two large blue squares", [b, c])],
+    }
+    caption = " a small red circle and two large blue squares."
+    right = grounding.markup(caption, [(0, 19, [a]), (23, 46, [c, b])])  # box order does not matter
+    assert T.score_sample(sample, right) == {"matched": 2, "predicted": 2, "true": 2}
+    one_box_wrong = grounding.markup(caption, [(0, 19, [a]), (23, 46, [b, a])])
+    assert T.score_sample(sample, one_box_wrong) == {"matched": 1, "predicted": 2, "true": 2}
+    wrong_phrase = grounding.markup(
+        " a small red square and two large blue squares.", [(0, 19, [a]), (23, 46, [b, c])]
+    )
+    assert T.score_sample(sample, wrong_phrase) == {"matched": 1, "predicted": 2, "true": 2}
+    extra = right[:-1] + grounding.markup(" and a star", [(4, 11, [b])]) + "."
+    scores = [T.score_sample(sample, extra), T.score_sample(sample, "")]
+    assert scores == [{"matched": 2, "predicted": 3, "true": 2}, {"matched": 0, "predicted": 0, "true": 2}]
+    summary = T.summarize("grounded_caption", scores)
+    assert summary == {"precision": 2 / 3, "recall": 2 / 4, "n": 2}
+
+
+def test_text_answers_must_match_exactly():
+    reg = {
+        "task": "reg",
+        "prompt": "<phrase> It</phrase><object>…</object> is",
+        "answer": "the small red cross",
+    }
+    assert T.score_sample(reg, " the small red cross") == {"exact": 1.0}
+    assert T.score_sample(reg, " the small red cross on the left") == {"exact": 0.0}
+    vqa = {"task": "vqa", "prompt": "Question: How many red circles are there? Answer:", "answer": "2"}
+    assert T.score_sample(vqa, " 2") == {"exact": 1.0} and T.score_sample(vqa, " 3") == {"exact": 0.0}
+    assert T.summarize("vqa", [{"exact": 1.0}, {"exact": 0.0}, {"exact": 1.0}, {"exact": 1.0}]) == {
+        "accuracy": 0.75,
+        "n": 4,
+    }
+
+
+class _Oracle:
+    """Answers each query with the world's own target (the queries arrive in the order of the eval set)."""
+
+    def __init__(self, samples):
+        self.targets = [s["target"] for s in samples]
+        self.prompts = [s["prompt"] for s in samples]
+
+    def ground(self, images, prompts, **options):
+        assert len(images) == len(prompts) and options["no_repeat_ngram_size"] == 0
+        out = []
+        for image, prompt in zip(images, prompts, strict=True):
+            assert prompt == self.prompts.pop(0) and image.mode == "RGB"
+            out.append(type("Result", (), {"text": self.targets.pop(0)})())
+        return out
+
+
+def test_measure_world_gives_full_marks_to_the_world_itself():
+    tasks = ("rec", "grounded_caption", "reg", "vqa", "grounded_vqa", "phrase_grounding", "caption")
+    oracle = _Oracle(synthetic.make_eval_set("test", 6, tasks=tasks))
+    results = T.measure_world(oracle, "test", 6, tasks, batch_size=4)
+    assert not oracle.targets
+    assert results["grounded_caption"] == {"precision": 1.0, "recall": 1.0, "n": 6}
+    for task in set(tasks) - {"grounded_caption"}:
+        assert results[task] == {"accuracy": 1.0, "n": 6}, task
+    text = T.format_quality("test", results)
+    assert text.startswith("test: rec 1.000, grounded_caption P 1.000 R 1.000, reg 1.000")
