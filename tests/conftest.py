@@ -20,3 +20,23 @@ def kosmos2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from _tokenizer_fixtures import write_checkpoint_tokenizer
 
     return write_checkpoint_tokenizer(tmp_path_factory.mktemp("kosmos2_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_dir(tmp_path_factory: pytest.TempPathFactory, kosmos2_tokenizer_dir: Path) -> Path:
+    """A complete checkpoint directory: the `tiny` random model sized to the test tokenizer, plus its files.
+
+    Loadable by `kosmos2.Predictor.from_pretrained` and by transformers. Tests must not modify it.
+    """
+    import shutil
+
+    from _model_fixtures import tiny_config, write_tiny_checkpoint
+
+    from kosmos2.tokenizer import Kosmos2Tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny_checkpoint")
+    vocab = Kosmos2Tokenizer.from_pretrained(kosmos2_tokenizer_dir).vocab_size
+    write_tiny_checkpoint(directory, tiny_config(vocab), seed=3)
+    for f in kosmos2_tokenizer_dir.iterdir():
+        shutil.copy(f, directory / f.name)
+    return directory

@@ -10,22 +10,12 @@ import sys
 
 import pytest
 import torch
-from _model_fixtures import random_model, tiny_config, write_tiny_checkpoint
+from _model_fixtures import random_model, tiny_config
 from PIL import Image
 
 from kosmos2.cli import main
 from kosmos2.predictor import Predictor
 from kosmos2.tokenizer import Kosmos2Tokenizer
-
-
-@pytest.fixture(scope="module")
-def checkpoint_dir(tmp_path_factory, kosmos2_tokenizer_dir):
-    directory = tmp_path_factory.mktemp("tiny_cli")
-    vocab = Kosmos2Tokenizer.from_pretrained(kosmos2_tokenizer_dir).vocab_size
-    write_tiny_checkpoint(directory, tiny_config(vocab), seed=5)
-    for f in kosmos2_tokenizer_dir.iterdir():
-        shutil.copy(f, directory / f.name)
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -39,22 +29,32 @@ def image_files(tmp_path_factory):
     return paths
 
 
-def test_ground_json_equals_predictor(checkpoint_dir, image_files, capsys):
+def test_ground_json_equals_predictor(tiny_checkpoint_dir, image_files, capsys):
     assert (
-        main(["ground", *image_files, "--model", str(checkpoint_dir), "--json", "--max-new-tokens", "8"]) == 0
+        main(["ground", *image_files, "--model", str(tiny_checkpoint_dir), "--json", "--max-new-tokens", "8"])
+        == 0
     )
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [x["image"] for x in lines] == image_files
-    expected = Predictor.from_pretrained(checkpoint_dir).ground(image_files, max_new_tokens=8)
+    expected = Predictor.from_pretrained(tiny_checkpoint_dir).ground(image_files, max_new_tokens=8)
     for got, want in zip(lines, expected, strict=True):
         assert got["text"] == want.text and got["caption"] == want.caption
         assert got["image_size"] == list(want.image_size)
 
 
-def test_ground_text_output_and_draw(checkpoint_dir, image_files, tmp_path, capsys):
+def test_ground_text_output_and_draw(tiny_checkpoint_dir, image_files, tmp_path, capsys):
     out = tmp_path / "one.png"
     prompt = "<grounding><phrase>a thing</phrase><object><patch_index_0000><patch_index_1023></object>"
-    args = ["ground", image_files[0], "--model", str(checkpoint_dir), "--prompt", prompt, "--draw", str(out)]
+    args = [
+        "ground",
+        image_files[0],
+        "--model",
+        str(tiny_checkpoint_dir),
+        "--prompt",
+        prompt,
+        "--draw",
+        str(out),
+    ]
     assert main([*args, "--max-new-tokens", "4"]) == 0
     text = capsys.readouterr().out
     # the prompt's own box covers the whole 60x40 image: cells 0 and 1023 share no row or column -> centres
@@ -63,30 +63,31 @@ def test_ground_text_output_and_draw(checkpoint_dir, image_files, tmp_path, caps
     assert drawn.size == (60, 40)
     assert drawn.getpixel((1, 20)) != (0, 100, 200)  # the box outline was drawn over the plain background
     folder = tmp_path / "drawn"
-    assert main(["ground", *image_files, "--model", str(checkpoint_dir), "--draw", str(folder)]) == 0
+    assert main(["ground", *image_files, "--model", str(tiny_checkpoint_dir), "--draw", str(folder)]) == 0
     assert sorted(p.name for p in folder.iterdir()) == ["im0.png", "im1.png", "im2.png"]
 
 
-def test_ground_tasks_and_errors(checkpoint_dir, image_files, capsys):
-    base = ["ground", image_files[0], "--model", str(checkpoint_dir), "--max-new-tokens", "3", "--json"]
+def test_ground_tasks_and_errors(tiny_checkpoint_dir, image_files, capsys):
+    base = ["ground", image_files[0], "--model", str(tiny_checkpoint_dir), "--max-new-tokens", "3", "--json"]
     main([*base, "--task", "detailed"])
     assert json.loads(capsys.readouterr().out)["prompt"] == "<grounding>Describe this image in detail:"
     main([*base, "--locate", "the ball"])
     assert json.loads(capsys.readouterr().out)["prompt"] == "<grounding><phrase>the ball</phrase>"
     main([*base, "--sample", "--seed", "1"])
     with pytest.raises(SystemExit, match="is not a file"):
-        main(["ground", "missing.png", "--model", str(checkpoint_dir)])
+        main(["ground", "missing.png", "--model", str(tiny_checkpoint_dir)])
     with pytest.raises(SystemExit):  # --prompt and --task together
         main([*base, "--prompt", "x", "--task", "brief"])
 
 
-def test_info(checkpoint_dir, capsys):
-    assert main(["info", str(checkpoint_dir)]) == 0
+def test_info(tiny_checkpoint_dir, capsys):
+    assert main(["info", str(tiny_checkpoint_dir)]) == 0
     info = json.loads(capsys.readouterr().out)
     n = sum(p.numel() for p in random_model(tiny_config(info["tokenizer"]["vocab_size"])).parameters())
     assert info["parameters"] == n
     assert (
-        info["tokenizer"]["image_start_id"] == Kosmos2Tokenizer.from_pretrained(checkpoint_dir).image_start_id
+        info["tokenizer"]["image_start_id"]
+        == Kosmos2Tokenizer.from_pretrained(tiny_checkpoint_dir).image_start_id
     )
 
 
@@ -109,11 +110,11 @@ def test_convert_original_release(tmp_path, kosmos2_tokenizer_dir):
     ).encode("a red ball")
 
 
-def test_console_script_process(checkpoint_dir, image_files):
+def test_console_script_process(tiny_checkpoint_dir, image_files):
     exe = shutil.which("kosmos2") or None
     cmd = [exe] if exe else [sys.executable, "-m", "kosmos2.cli"]
     proc = subprocess.run(
-        [*cmd, "ground", image_files[1], "--model", str(checkpoint_dir), "--max-new-tokens", "2"],
+        [*cmd, "ground", image_files[1], "--model", str(tiny_checkpoint_dir), "--max-new-tokens", "2"],
         capture_output=True,
         text=True,
         timeout=120,

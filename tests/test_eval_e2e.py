@@ -8,7 +8,6 @@ the Predictor returns for the same image and prompt.
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 from _eval_fixtures import (
@@ -19,24 +18,17 @@ from _eval_fixtures import (
     write_mdetr_refcoco,
     write_refer,
 )
-from _model_fixtures import tiny_config, write_tiny_checkpoint
 
 from kosmos2.cli import main
 from kosmos2.eval.runner import PredictionCache
 from kosmos2.predictor import Predictor
-from kosmos2.tokenizer import Kosmos2Tokenizer
 
 RUN = ["--max-new-tokens", "6", "--batch-size", "2", "--no-progress", "--samples", "4"]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, kosmos2_tokenizer_dir):
-    directory = tmp_path_factory.mktemp("tiny_eval_model")
-    vocab = Kosmos2Tokenizer.from_pretrained(kosmos2_tokenizer_dir).vocab_size
-    write_tiny_checkpoint(directory, tiny_config(vocab), seed=5)
-    for f in kosmos2_tokenizer_dir.iterdir():
-        shutil.copy(f, directory / f.name)
-    return directory
+def checkpoint(tiny_checkpoint_dir):
+    return tiny_checkpoint_dir
 
 
 def _records(out):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -322,17 +321,8 @@ def test_cli_rejects_bad_settings(tmp_path, capsys) -> None:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, kosmos2_tokenizer_dir):
-    from _model_fixtures import tiny_config, write_tiny_checkpoint
-
-    from kosmos2.tokenizer import Kosmos2Tokenizer
-
-    directory = tmp_path_factory.mktemp("tiny_world_model")
-    vocab = Kosmos2Tokenizer.from_pretrained(kosmos2_tokenizer_dir).vocab_size
-    write_tiny_checkpoint(directory, tiny_config(vocab), seed=3)
-    for f in kosmos2_tokenizer_dir.iterdir():
-        shutil.copy(f, directory / f.name)
-    return directory
+def checkpoint(tiny_checkpoint_dir):
+    return tiny_checkpoint_dir
 
 
 def test_end_to_end_on_a_tiny_checkpoint_and_cached_rerun(tmp_path, checkpoint, capsys) -> None:

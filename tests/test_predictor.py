@@ -3,32 +3,18 @@ transformers' processor + model + post-processing give on the same directory; ta
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
-from _model_fixtures import tiny_config, write_tiny_checkpoint
 from PIL import Image
 
 from kosmos2 import grounding
 from kosmos2.predictor import Predictor
-from kosmos2.tokenizer import Kosmos2Tokenizer
 
 
 @pytest.fixture(scope="module")
-def checkpoint_dir(tmp_path_factory, kosmos2_tokenizer_dir):
-    directory = tmp_path_factory.mktemp("tiny_predictor")
-    vocab = Kosmos2Tokenizer.from_pretrained(kosmos2_tokenizer_dir).vocab_size
-    write_tiny_checkpoint(directory, tiny_config(vocab), seed=3)
-    for f in kosmos2_tokenizer_dir.iterdir():
-        shutil.copy(f, directory / f.name)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def predictor(checkpoint_dir) -> Predictor:
-    return Predictor.from_pretrained(checkpoint_dir)
+def predictor(tiny_checkpoint_dir) -> Predictor:
+    return Predictor.from_pretrained(tiny_checkpoint_dir)
 
 
 def images(n: int = 3) -> list[Image.Image]:
@@ -38,7 +24,7 @@ def images(n: int = 3) -> list[Image.Image]:
 
 
 @pytest.mark.reference
-def test_ground_equals_transformers_pipeline(checkpoint_dir, predictor):
+def test_ground_equals_transformers_pipeline(tiny_checkpoint_dir, predictor):
     transformers = pytest.importorskip("transformers")
     # the reference pipeline, assembled from transformers' own classes over the same files
     image_processor = transformers.CLIPImageProcessor(
@@ -48,10 +34,10 @@ def test_ground_equals_transformers_pipeline(checkpoint_dir, predictor):
         image_mean=[0.48145466, 0.4578275, 0.40821073],
         image_std=[0.26862954, 0.26130258, 0.27577711],
     )
-    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_checkpoint_dir)
     processor = transformers.Kosmos2Processor(image_processor, tokenizer, num_patch_index_tokens=1024)
     model = transformers.Kosmos2ForConditionalGeneration.from_pretrained(
-        checkpoint_dir, attn_implementation="eager"
+        tiny_checkpoint_dir, attn_implementation="eager"
     ).eval()
     for image, prompt in zip(
         images(3),
@@ -172,8 +158,8 @@ def test_errors(predictor, tmp_path):
         Predictor.from_pretrained(tmp_path, dtype="float8")
 
 
-def test_bf16(checkpoint_dir):
-    p = Predictor.from_pretrained(checkpoint_dir, dtype="bfloat16")
+def test_bf16(tiny_checkpoint_dir):
+    p = Predictor.from_pretrained(tiny_checkpoint_dir, dtype="bfloat16")
     assert p.model.text_model.lm_head.weight.dtype == torch.bfloat16
     r = p.ground(images(1)[0], max_new_tokens=4)
     assert len(r.token_ids) <= 4
