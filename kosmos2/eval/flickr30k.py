@@ -43,6 +43,8 @@ from kosmos2.eval.runner import (
     Prediction,
     PredictionCache,
     Query,
+    RunStats,
+    default_cache,
     resolve_image,
     run_queries,
 )
@@ -475,23 +477,41 @@ def evaluate_grounding(
         predictor,
         queries,
         model_id=model_id,
-        cache=cache if cache is not None else out_dir / "predictions.jsonl",
+        cache=default_cache(cache, out_dir),
         batch_size=batch_size,
         generation=generation,
         progress=progress,
     )
     records = score_examples(examples, queries, predictions)
-    result = {
+    result = grounding_result(
+        records,
+        stats,
+        model_id=model_id,
+        generation=generation,
+        protocol="prompt <grounding>{caption before} <phrase>{phrase}</phrase>; ANY-box; R@k over the "
+        "first k generated boxes; IoU >= 0.5",
+    )
+    write_grounding_report(out_dir, result, records, samples)
+    return result
+
+
+def grounding_result(
+    records: Sequence[Mapping[str, Any]],
+    stats: RunStats,
+    *,
+    model_id: str,
+    generation: Mapping[str, Any] | None,
+    protocol: str,
+) -> dict[str, Any]:
+    """The metrics.json content of a phrase-grounding run: settings, `summarize(records)`, run statistics."""
+    return {
         "task": "phrase-grounding",
         "model": model_id,
         "generation": dict(generation or {}),
-        "protocol": "prompt <grounding>{caption before} <phrase>{phrase}</phrase>; ANY-box; R@k over the "
-        "first k generated boxes; IoU >= 0.5",
+        "protocol": protocol,
         "results": summarize(records),
-        "run": {"queries": stats.total, "from_cache": stats.cached, "computed": stats.computed},
+        "run": stats.to_json(),
     }
-    write_grounding_report(out_dir, result, records, samples)
-    return result
 
 
 def write_grounding_report(
@@ -654,7 +674,7 @@ def evaluate_captions(
         predictor,
         queries,
         model_id=model_id,
-        cache=cache if cache is not None else out_dir / "predictions.jsonl",
+        cache=default_cache(cache, out_dir),
         batch_size=batch_size,
         generation=generation,
         progress=progress,
@@ -670,7 +690,7 @@ def evaluate_captions(
         "generation": dict(generation or {}),
         "results": scores,
         "paper": {"CIDEr": PAPER_CAPTION_CIDER},
-        "run": {"queries": stats.total, "from_cache": stats.cached, "computed": stats.computed},
+        "run": stats.to_json(),
     }
     report.write_json(out_dir / "metrics.json", result)
     report.write_jsonl(

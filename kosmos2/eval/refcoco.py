@@ -42,6 +42,8 @@ from kosmos2.eval.runner import (
     Prediction,
     PredictionCache,
     Query,
+    RunStats,
+    default_cache,
     resolve_image,
     run_queries,
 )
@@ -373,29 +375,44 @@ def evaluate_rec(
     """Run REC on `examples` (any mix of datasets and splits), write the report to out_dir, return metrics."""
     out_dir = Path(out_dir)
     queries = rec_queries(examples, images_dir)
-    if cache is None:
-        cache = out_dir / "predictions.jsonl"
     predictions, stats = run_queries(
         predictor,
         queries,
         model_id=model_id,
-        cache=cache,
+        cache=default_cache(cache, out_dir),
         batch_size=batch_size,
         generation=generation,
         progress=progress,
     )
     records = score_examples(examples, queries, predictions)
-    summary = summarize(records)
-    result = {
+    result = rec_result(
+        records,
+        stats,
+        model_id=model_id,
+        generation=generation,
+        protocol="prompt <grounding><phrase>{expression}</phrase>; first generated box; IoU >= 0.5",
+    )
+    write_rec_report(out_dir, result, records, samples)
+    return result
+
+
+def rec_result(
+    records: Sequence[Mapping[str, Any]],
+    stats: RunStats,
+    *,
+    model_id: str,
+    generation: Mapping[str, Any] | None,
+    protocol: str,
+) -> dict[str, Any]:
+    """The metrics.json content of a REC run: settings, `summarize(records)`, run statistics."""
+    return {
         "task": "rec",
         "model": model_id,
         "generation": dict(generation or {}),
-        "protocol": "prompt <grounding><phrase>{expression}</phrase>; first generated box; IoU >= 0.5",
-        "results": summary,
-        "run": {"queries": stats.total, "from_cache": stats.cached, "computed": stats.computed},
+        "protocol": protocol,
+        "results": summarize(records),
+        "run": stats.to_json(),
     }
-    write_rec_report(out_dir, result, records, samples)
-    return result
 
 
 def write_rec_report(
@@ -535,7 +552,7 @@ def evaluate_reg(
         predictor,
         queries,
         model_id=model_id,
-        cache=cache if cache is not None else out_dir / "predictions.jsonl",
+        cache=default_cache(cache, out_dir),
         batch_size=batch_size,
         generation=generation,
         progress=progress,
@@ -551,7 +568,7 @@ def evaluate_reg(
         "expressions of the object",
         "results": scores,
         "paper": PAPER_REG,
-        "run": {"queries": stats.total, "from_cache": stats.cached, "computed": stats.computed},
+        "run": stats.to_json(),
     }
     records = [
         {

@@ -200,6 +200,10 @@ class RunStats:
     batches: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def to_json(self) -> dict[str, int]:
+        """The "run" entry of an evaluation's metrics.json."""
+        return {"queries": self.total, "from_cache": self.cached, "computed": self.computed}
+
 
 def run_queries(
     predictor: GroundingPredictor,
@@ -279,6 +283,13 @@ def run_queries(
     finally:
         bar.close()
     return out, stats
+
+
+def default_cache(
+    cache: PredictionCache | str | os.PathLike | None, out_dir: str | os.PathLike
+) -> PredictionCache | str | os.PathLike:
+    """`cache`, or out_dir/predictions.jsonl when none is given (where every evaluation keeps its cache)."""
+    return cache if cache is not None else Path(out_dir) / "predictions.jsonl"
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

@@ -54,7 +54,7 @@ from typing import Any
 from PIL import Image
 
 from kosmos2.eval import flickr30k, metrics, refcoco, report
-from kosmos2.eval.runner import GroundingPredictor, PredictionCache, Query, run_queries
+from kosmos2.eval.runner import GroundingPredictor, PredictionCache, Query, default_cache, run_queries
 
 Box = tuple[float, float, float, float]
 
@@ -143,7 +143,7 @@ def evaluate(
     if not rec and not phrases:
         raise ValueError("nothing to evaluate: give REC samples, phrase samples, or both")
     out_dir = Path(out_dir)
-    cache = cache if cache is not None else out_dir / "predictions.jsonl"
+    cache = default_cache(cache, out_dir)
     if not isinstance(cache, PredictionCache):
         cache = PredictionCache(cache)
     ids = [s.id for s in (*rec, *phrases)]
@@ -183,14 +183,13 @@ def evaluate(
             )
             for s, q in zip(rec, queries, strict=True)
         ]
-        part = {
-            "task": "rec",
-            "model": model_id,
-            "generation": dict(generation or {}),
-            "protocol": "REC prompt; first generated box; IoU >= 0.5 with the best of the true boxes",
-            "results": refcoco.summarize(records),
-            "run": {"queries": stats.total, "from_cache": stats.cached, "computed": stats.computed},
-        }
+        part = refcoco.rec_result(
+            records,
+            stats,
+            model_id=model_id,
+            generation=generation,
+            protocol="REC prompt; first generated box; IoU >= 0.5 with the best of the true boxes",
+        )
         refcoco.write_rec_report(out_dir / "rec", part, records, samples, load=load)
         result["rec"] = part
     if phrases:
@@ -213,14 +212,13 @@ def evaluate(
             )
             r["caption"] = q.prompt
             records.append(r)
-        part = {
-            "task": "phrase-grounding",
-            "model": model_id,
-            "generation": dict(generation or {}),
-            "protocol": "phrase prompt; ANY-box; R@k over the first k generated boxes; IoU >= 0.5",
-            "results": flickr30k.summarize(records),
-            "run": {"queries": stats.total, "from_cache": stats.cached, "computed": stats.computed},
-        }
+        part = flickr30k.grounding_result(
+            records,
+            stats,
+            model_id=model_id,
+            generation=generation,
+            protocol="phrase prompt; ANY-box; R@k over the first k generated boxes; IoU >= 0.5",
+        )
         flickr30k.write_grounding_report(out_dir / "phrases", part, records, samples, load=load)
         result["phrases"] = part
     return result
@@ -591,7 +589,7 @@ def evaluate_world(
         predictor,
         [item.query for item in items],
         model_id=model_id,
-        cache=cache if cache is not None else out_dir / "predictions.jsonl",
+        cache=default_cache(cache, out_dir),
         batch_size=batch_size,
         generation=generation,
         progress=progress,
@@ -612,7 +610,7 @@ def evaluate_world(
         "results": results,
         "targets": targets,
         "all_targets_met": all(measured) if len(measured) == len(targets) else None,
-        "run": {"queries": stats.total, "from_cache": stats.cached, "computed": stats.computed},
+        "run": stats.to_json(),
     }
     write_world_report(out_dir, result, records, examples)
     return result
