@@ -202,14 +202,6 @@ def _run_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _limit(items: list, limit: int | None) -> list:
-    if limit is None:
-        return items
-    if limit < 1:
-        raise ValueError(f"--limit must be a positive number of queries, got {limit}")
-    return items[:limit]
-
-
 def _missing_text_metrics() -> str | None:
     """The install hint when pycocoevalcap is missing (checked before any inference runs), else None."""
     from kosmos2.eval import text_metrics
@@ -219,6 +211,19 @@ def _missing_text_metrics() -> str | None:
     except ImportError as e:
         return str(e)
     return None
+
+
+def _rec_line(s: dict[str, Any]) -> str:
+    """A REC summary (an entry of refcoco.summarize) as printed after a run."""
+    return (
+        f"Acc@0.5 first {s['acc_first']:.2f} any {s['acc_any']:.2f} mean {s['acc_mean']:.2f} "
+        f"(n={s['count']}, no box {s['undecodable']})"
+    )
+
+
+def _recall_line(a: dict[str, Any]) -> str:
+    """R@1/5/10 of a phrase-grounding recall row (flickr30k.summarize's "all") as printed after a run."""
+    return f"R@1 {a['R@1']:.2f} R@5 {a['R@5']:.2f} R@10 {a['R@10']:.2f}"
 
 
 def _fail(message: str) -> int:
@@ -232,13 +237,14 @@ def _fail(message: str) -> int:
 
 def run_refcoco(args: argparse.Namespace) -> int:
     from kosmos2.eval import refcoco
+    from kosmos2.eval.runner import limit_queries
     from kosmos2.image import ImageError
 
     try:
         splits = args.splits or list(refcoco.DATASETS[args.dataset][1])
         examples = []
         for split in splits:
-            examples += _limit(
+            examples += limit_queries(
                 refcoco.load_split(args.dataset, split, args.refer_dir, args.mdetr_dir), args.limit
             )
         options = _run_options(args)
@@ -274,10 +280,7 @@ def run_refcoco(args: argparse.Namespace) -> int:
     if args.task == "rec":
         for dataset, by_split in result["results"].items():
             for split, s in by_split.items():
-                print(
-                    f"{dataset} {split}: Acc@0.5 first {s['acc_first']:.2f} any {s['acc_any']:.2f} "
-                    f"mean {s['acc_mean']:.2f} (n={s['count']}, no box {s['undecodable']})"
-                )
+                print(f"{dataset} {split}: {_rec_line(s)}")
     else:
         print(" ".join(f"{k} {v:.2f}" for k, v in result["results"]["scores"].items()))
     print(f"report: {os.fspath(args.out / 'report.md')}")
@@ -286,6 +289,7 @@ def run_refcoco(args: argparse.Namespace) -> int:
 
 def run_flickr30k(args: argparse.Namespace) -> int:
     from kosmos2.eval import flickr30k
+    from kosmos2.eval.runner import limit_queries
     from kosmos2.image import ImageError
 
     try:
@@ -293,7 +297,9 @@ def run_flickr30k(args: argparse.Namespace) -> int:
         if args.task == "grounding":
             examples = []
             for split in args.splits:
-                examples += _limit(flickr30k.load_split(split, args.entities_dir, args.mdetr_dir), args.limit)
+                examples += limit_queries(
+                    flickr30k.load_split(split, args.entities_dir, args.mdetr_dir), args.limit
+                )
         else:
             images: dict[str, Any] = {}
             for split in args.splits:
@@ -301,7 +307,7 @@ def run_flickr30k(args: argparse.Namespace) -> int:
                     found = flickr30k.load_captions(args.entities_dir, split)
                 else:
                     found = flickr30k.caption_references(flickr30k.load_split(split, None, args.mdetr_dir))
-                images.update(dict(_limit(list(found.items()), args.limit)))
+                images.update(dict(limit_queries(list(found.items()), args.limit)))
         generation = generation_settings(args, default_beams=1 if args.task == "grounding" else 5)
     except (ValueError, FileNotFoundError) as e:
         return _fail(str(e))
@@ -335,10 +341,7 @@ def run_flickr30k(args: argparse.Namespace) -> int:
     if args.task == "grounding":
         for split, s in result["results"].items():
             a = s["recall"]["all"]
-            print(
-                f"flickr30k {split}: R@1 {a['R@1']:.2f} R@5 {a['R@5']:.2f} R@10 {a['R@10']:.2f} "
-                f"(n={a['count']}, no box {s['undecodable']})"
-            )
+            print(f"flickr30k {split}: {_recall_line(a)} (n={a['count']}, no box {s['undecodable']})")
     else:
         print(" ".join(f"{k} {v:.2f}" for k, v in result["results"]["scores"].items()))
     print(f"report: {os.fspath(args.out / 'report.md')}")
@@ -407,11 +410,12 @@ def _headline(task: str, s: dict[str, Any]) -> str:
 def _run_samples_file(args: argparse.Namespace) -> int:
     """REC / phrase samples of a JSON Lines file, reported as the benchmarks are (OUT/rec, OUT/phrases)."""
     from kosmos2.eval import synthetic
+    from kosmos2.eval.runner import limit_queries
 
     try:
         options = _run_options(args)
         rec, phrases = synthetic.load_samples(args.samples_file)
-        rec, phrases = _limit(rec, args.limit), _limit(phrases, args.limit)
+        rec, phrases = limit_queries(rec, args.limit), limit_queries(phrases, args.limit)
         generation = generation_settings(args)
     except (ValueError, FileNotFoundError) as e:
         return _fail(str(e))
@@ -430,13 +434,10 @@ def _run_samples_file(args: argparse.Namespace) -> int:
         return _fail(str(e))
     for name, by_split in result.get("rec", {}).get("results", {}).items():
         for s in by_split.values():
-            print(
-                f"{name} REC: Acc@0.5 first {s['acc_first']:.2f} any {s['acc_any']:.2f} "
-                f"mean {s['acc_mean']:.2f} (n={s['count']}, no box {s['undecodable']})"
-            )
+            print(f"{name} REC: {_rec_line(s)}")
     for name, s in result.get("phrases", {}).get("results", {}).items():
         a = s["recall"]["all"]
-        print(f"{name} phrases: R@1 {a['R@1']:.2f} R@5 {a['R@5']:.2f} R@10 {a['R@10']:.2f} (n={a['count']})")
+        print(f"{name} phrases: {_recall_line(a)} (n={a['count']})")
     parts = [args.out / part / "report.md" for part in ("rec", "phrases") if part in result]
     print(f"reports: {', '.join(os.fspath(p) for p in parts)}")
     return 0

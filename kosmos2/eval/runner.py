@@ -29,11 +29,12 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from kosmos2.grounding import box_to_pixels, parse
 
 Box = tuple[float, float, float, float]
+T = TypeVar("T")
 
 
 class GroundingPredictor(Protocol):
@@ -337,8 +338,11 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
     return _Progress(total, initial, enabled)
 
 
-def limit_queries(queries: Iterable[Query], limit: int | None) -> list[Query]:
-    """The first `limit` queries (all of them for None); a quick run is a prefix of the full one."""
+def limit_queries(queries: Iterable[T], limit: int | None) -> list[T]:
+    """The first `limit` queries (all of them for None); a quick run is a prefix of the full one.
+
+    Works on anything listed per query (examples, samples, (id, image) pairs), so `--limit` cuts them early.
+    """
     queries = list(queries)
     if limit is None:
         return queries
