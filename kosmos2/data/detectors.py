@@ -197,6 +197,47 @@ def _check_model_dir(model_dir: str | os.PathLike, model_types: tuple[str, ...],
     return path
 
 
+class _TransformersDetector(Detector):
+    """A detection model read from a local directory and run through transformers (the options are
+    `GroundingDinoDetector`'s). A subclass names the config.json `model_types` it reads, its `title` for
+    messages and the transformers `model_class` that loads it.
+    """
+
+    model_types: tuple[str, ...] = ()
+    title: str = "detector"
+    model_class: str = ""
+
+    def __init__(
+        self, model_dir: str | os.PathLike, device: str = "cpu", batch_size: int = 4, min_score: float = 0.0
+    ) -> None:
+        path = _check_model_dir(model_dir, self.model_types, self.title)
+        transformers = _import_transformers()
+        self.model_dir = str(path)
+        self.processor = transformers.AutoProcessor.from_pretrained(path)
+        self.model = getattr(transformers, self.model_class).from_pretrained(path).to(device).eval()
+        self.device = device
+        self.batch_size = batch_size
+        self.min_score = min_score
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "model_dir": self.model_dir, "min_score": self.min_score}
+
+
+def _above(
+    phrase: torch.Tensor, corners: torch.Tensor, scores: torch.Tensor, min_score: float
+) -> list[Detection]:
+    """(phrase index, box clipped to the image, score) of each prediction scoring above `min_score`.
+
+    phrase [N]: each prediction's phrase index; corners [N, 4]: its normalised (x1, y1, x2, y2); scores [N].
+    """
+    import torch
+
+    out = []
+    for n in torch.nonzero(scores > min_score).flatten().tolist():
+        out.append((int(phrase[n]), _clip_box(*corners[n].tolist()), float(scores[n])))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Grounding DINO
 
@@ -245,13 +286,10 @@ def grounding_dino_postprocess(
     scores, phrase = per_phrase.max(dim=1)  # [Q]
     cx, cy, w, h = boxes.float().unbind(-1)
     corners = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)  # [Q, 4]
-    out = []
-    for q in torch.nonzero(scores > min_score).flatten().tolist():
-        out.append((int(phrase[q]), _clip_box(*corners[q].tolist()), float(scores[q])))
-    return out
+    return _above(phrase, corners, scores, min_score)
 
 
-class GroundingDinoDetector(Detector):
+class GroundingDinoDetector(_TransformersDetector):
     """Grounding DINO (`GroundingDinoForObjectDetection`) from a local directory, through transformers.
 
     model_dir: save_pretrained output of the model and its processor. device: "cpu", "cuda", "cuda:1"...
@@ -260,22 +298,15 @@ class GroundingDinoDetector(Detector):
     """
 
     name = "grounding-dino"
+    model_types = ("grounding-dino",)
+    title = "Grounding DINO"
+    model_class = "GroundingDinoForObjectDetection"
 
     def __init__(
         self, model_dir: str | os.PathLike, device: str = "cpu", batch_size: int = 4, min_score: float = 0.0
     ) -> None:
-        path = _check_model_dir(model_dir, ("grounding-dino",), "Grounding DINO")
-        transformers = _import_transformers()
-        self.model_dir = str(path)
-        self.processor = transformers.AutoProcessor.from_pretrained(path)
-        self.model = transformers.GroundingDinoForObjectDetection.from_pretrained(path).to(device).eval()
-        self.device = device
-        self.batch_size = batch_size
-        self.min_score = min_score
+        super().__init__(model_dir, device, batch_size, min_score)
         self.max_text_len = int(self.model.config.max_text_len)
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "model_dir": self.model_dir, "min_score": self.min_score}
 
     def _groups(self, phrases: Sequence[str]) -> list[list[int]]:
         """Phrase indices split into prompts that fit `max_text_len` tokens ([CLS] and [SEP] included)."""
@@ -386,14 +417,11 @@ def owlv2_postprocess(
     sx, sy = side / width, side / height
     corners = torch.stack(
         [(cx - 0.5 * w) * sx, (cy - 0.5 * h) * sy, (cx + 0.5 * w) * sx, (cy + 0.5 * h) * sy], -1
-    )
-    out = []
-    for n in torch.nonzero(scores > min_score).flatten().tolist():
-        out.append((int(phrase[n]), _clip_box(*corners[n].tolist()), float(scores[n])))
-    return out
+    )  # [N, 4]
+    return _above(phrase, corners, scores, min_score)
 
 
-class Owlv2Detector(Detector):
+class Owlv2Detector(_TransformersDetector):
     """OWLv2 (`Owlv2ForObjectDetection`) from a local directory, through transformers.
 
     model_dir: save_pretrained output of the model and its processor. Same options as `GroundingDinoDetector`.
@@ -401,21 +429,9 @@ class Owlv2Detector(Detector):
     """
 
     name = "owlv2"
-
-    def __init__(
-        self, model_dir: str | os.PathLike, device: str = "cpu", batch_size: int = 4, min_score: float = 0.0
-    ) -> None:
-        path = _check_model_dir(model_dir, ("owlv2",), "OWLv2")
-        transformers = _import_transformers()
-        self.model_dir = str(path)
-        self.processor = transformers.AutoProcessor.from_pretrained(path)
-        self.model = transformers.Owlv2ForObjectDetection.from_pretrained(path).to(device).eval()
-        self.device = device
-        self.batch_size = batch_size
-        self.min_score = min_score
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "model_dir": self.model_dir, "min_score": self.min_score}
+    model_types = ("owlv2",)
+    title = "OWLv2"
+    model_class = "Owlv2ForObjectDetection"
 
     def detect(
         self,
