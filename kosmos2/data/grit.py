@@ -288,7 +288,7 @@ def _read_listing(file: Path, kind: str) -> list[tuple[int, dict[str, Any]]]:
     return rows
 
 
-def _split_member(name: str) -> tuple[str, str] | None:
+def split_member(name: str) -> tuple[str, str] | None:
     """webdataset's naming: "dir/abc.def.jpg" -> ("dir/abc", "def.jpg"); None for a name with no extension."""
     directory, _, base = name.rpartition("/")
     if "." not in base:
@@ -303,7 +303,7 @@ def _tar_keys(file: Path) -> list[str]:
     try:
         with tarfile.open(file, "r:*") as tar:
             for member in tar:
-                split = _split_member(member.name) if member.isfile() else None
+                split = split_member(member.name) if member.isfile() else None
                 if split:
                     keys.setdefault(split[0], None)
     except tarfile.TarError as e:
@@ -439,7 +439,7 @@ def _read_webdataset_shard(shard: InputShard) -> list[Pair]:
     order: list[str] = []
     with tarfile.open(shard.path, "r:*") as tar:
         for member in tar:
-            split = _split_member(member.name) if member.isfile() else None
+            split = split_member(member.name) if member.isfile() else None
             if split is None:
                 continue
             key, ext = split
@@ -874,6 +874,20 @@ class BuildSummary:
     counts: dict[str, int]
     seconds: float
 
+    @classmethod
+    def of(
+        cls, manifest: Manifest, shards: Sequence[InputShard], pending: Sequence[InputShard], began: float
+    ) -> BuildSummary:
+        """The summary of a build that planned `shards`, ran `pending` and began at perf_counter() `began`."""
+        return cls(
+            output=str(manifest.directory),
+            shards_total=len(shards),
+            shards_run=len(pending),
+            shards_skipped=len(shards) - len(pending),
+            counts=dict(manifest.totals()),
+            seconds=time.perf_counter() - began,
+        )
+
 
 def prepare(
     settings: BuildSettings, detector_factory: Callable[[], Detector] | None = None
@@ -1009,14 +1023,7 @@ def build(
     finally:
         bar.close()
         manifest.close()
-    return BuildSummary(
-        output=str(manifest.directory),
-        shards_total=len(shards),
-        shards_run=len(pending),
-        shards_skipped=len(shards) - len(pending),
-        counts=dict(manifest.totals()),
-        seconds=time.perf_counter() - began,
-    )
+    return BuildSummary.of(manifest, shards, pending, began)
 
 
 def read_records(output: str | os.PathLike) -> list[dict]:

@@ -144,11 +144,4 @@ def build_ray(
         manifest.close()
         if started_here and ray.is_initialized():
             ray.shutdown()
-    return BuildSummary(
-        output=str(manifest.directory),
-        shards_total=len(shards),
-        shards_run=len(pending),
-        shards_skipped=len(shards) - len(pending),
-        counts=dict(manifest.totals()),
-        seconds=time.perf_counter() - began,
-    )
+    return BuildSummary.of(manifest, shards, pending, began)

@@ -40,6 +40,7 @@ import torch.utils.data
 from PIL import Image
 
 from kosmos2 import grounding
+from kosmos2.data.grit import split_member
 from kosmos2.data.grit_text import containment_filter
 from kosmos2.image import ImageError, load_image
 
@@ -207,14 +208,6 @@ def prepare_sample(
 # Sources
 
 
-def _split_member(name: str) -> tuple[str, str] | None:
-    directory, _, base = name.rpartition("/")
-    if "." not in base:
-        return None
-    stem, _, ext = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), ext.lower()
-
-
 def iter_webdataset(path: str | os.PathLike) -> Iterator[tuple[dict[str, Any], bytes]]:
     """(record, encoded image) of each sample of a webdataset tar whose <key>.json holds the GRIT columns.
 
@@ -241,7 +234,7 @@ def iter_webdataset(path: str | os.PathLike) -> Iterator[tuple[dict[str, Any], b
     current, members = None, {}
     with tarfile.open(path, "r:*") as tar:
         for member in tar:
-            split = _split_member(member.name) if member.isfile() else None
+            split = split_member(member.name) if member.isfile() else None
             if split is None:
                 continue
             key, ext = split
