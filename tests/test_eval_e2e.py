@@ -31,6 +31,11 @@ def checkpoint(tiny_checkpoint_dir):
     return tiny_checkpoint_dir
 
 
+def _eval(dataset, *options, checkpoint, out):
+    """`kosmos2 eval DATASET OPTIONS --checkpoint C --out O` with the small RUN settings; the exit code."""
+    return main(["eval", dataset, *options, "--checkpoint", str(checkpoint), "--out", str(out), *RUN])
+
+
 def _records(out):
     return [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
 
@@ -39,27 +44,12 @@ def test_refcoco_end_to_end_and_resume(tmp_path, checkpoint, capsys) -> None:
     refer = write_refer(tmp_path / "refer")
     images = write_coco_images(tmp_path / "coco")
     out = tmp_path / "out"
-    args = [
-        "eval",
-        "refcoco",
-        "--refer-dir",
-        str(refer),
-        "--images",
-        str(images),
-        "--splits",
-        "val",
-        "testA",
-        "--checkpoint",
-        str(checkpoint),
-        "--out",
-        str(out),
-        *RUN,
-    ]
-    assert main([*args, "--limit", "2"]) == 0
+    args = ["--refer-dir", str(refer), "--images", str(images), "--splits", "val", "testA"]
+    assert _eval("refcoco", *args, "--limit", "2", checkpoint=checkpoint, out=out) == 0
     first = json.loads((out / "metrics.json").read_text())
     assert first["run"] == {"queries": 4, "from_cache": 0, "computed": 4}
     assert {s: v["count"] for s, v in first["results"]["refcoco"].items()} == {"val": 2, "testA": 2}
-    assert main(args) == 0  # the full run reuses the 4 cached predictions
+    assert _eval("refcoco", *args, checkpoint=checkpoint, out=out) == 0  # reuses the 4 cached predictions
     second = json.loads((out / "metrics.json").read_text())
     assert second["run"] == {"queries": 6, "from_cache": 4, "computed": 2}
     assert len(PredictionCache(out / "predictions.jsonl")) == 6
@@ -83,26 +73,12 @@ def test_refcoco_mdetr_and_reg(tmp_path, checkpoint) -> None:
     images = write_coco_images(tmp_path / "coco")
     out = tmp_path / "reg"
     assert (
-        main(
-            [
-                "eval",
-                "refcoco",
-                "--mdetr-dir",
-                str(mdetr),
-                "--images",
-                str(images),
-                "--splits",
-                "val",
-                "--task",
-                "reg",
-                "--text-metrics",
-                "CIDEr",
-                "--checkpoint",
-                str(checkpoint),
-                "--out",
-                str(out),
-                *RUN,
-            ]
+        _eval(
+            "refcoco",
+            *("--mdetr-dir", str(mdetr), "--images", str(images), "--splits", "val"),
+            *("--task", "reg", "--text-metrics", "CIDEr"),
+            checkpoint=checkpoint,
+            out=out,
         )
         == 0
     )
@@ -117,22 +93,11 @@ def test_flickr30k_end_to_end(tmp_path, checkpoint) -> None:
     images = write_flickr_images(tmp_path / "flickr30k-images")
     out = tmp_path / "out"
     assert (
-        main(
-            [
-                "eval",
-                "flickr30k",
-                "--entities-dir",
-                str(entities),
-                "--mdetr-dir",
-                str(mdetr),
-                "--images",
-                str(images),
-                "--checkpoint",
-                str(checkpoint),
-                "--out",
-                str(out),
-                *RUN,
-            ]
+        _eval(
+            "flickr30k",
+            *("--entities-dir", str(entities), "--mdetr-dir", str(mdetr), "--images", str(images)),
+            checkpoint=checkpoint,
+            out=out,
         )
         == 0
     )
@@ -151,24 +116,12 @@ def test_flickr30k_captions(tmp_path, checkpoint) -> None:
     images = write_flickr_images(tmp_path / "flickr30k-images")
     out = tmp_path / "cap"
     assert (
-        main(
-            [
-                "eval",
-                "flickr30k",
-                "--task",
-                "caption",
-                "--entities-dir",
-                str(entities),
-                "--images",
-                str(images),
-                "--text-metrics",
-                "CIDEr",
-                "--checkpoint",
-                str(checkpoint),
-                "--out",
-                str(out),
-                *RUN,
-            ]
+        _eval(
+            "flickr30k",
+            *("--task", "caption", "--entities-dir", str(entities), "--images", str(images)),
+            *("--text-metrics", "CIDEr"),
+            checkpoint=checkpoint,
+            out=out,
         )
         == 0
     )
