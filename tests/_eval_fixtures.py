@@ -47,6 +47,13 @@ class _Result:
     entities: list = field(default_factory=list)
 
 
+def predictor_result(prompt: str, generated: str) -> _Result:
+    """A result as the Predictor makes it: prompt + continuation parsed together (the prompt's phrase gets
+    the generated boxes)."""
+    g = parse(prompt + generated)
+    return _Result(generated, g.caption, [_Entity(e.phrase, e.span, list(e.boxes)) for e in g.entities])
+
+
 class ScriptedPredictor:
     """`ground(images, prompts, **gen)` answering each prompt with `outputs[prompt]` (default: nothing).
 
@@ -63,14 +70,7 @@ class ScriptedPredictor:
         if self.fail_after is not None and len(self.calls) >= self.fail_after:
             raise KeyboardInterrupt("simulated interruption")
         self.calls.append((list(prompts), [im.size for im in images], dict(generation)))
-        out = []
-        for prompt in prompts:
-            generated = self.outputs.get(prompt, "")
-            g = parse(prompt + generated)  # as the predictor: prompt + continuation parsed together
-            out.append(
-                _Result(generated, g.caption, [_Entity(e.phrase, e.span, list(e.boxes)) for e in g.entities])
-            )
-        return out
+        return [predictor_result(prompt, self.outputs.get(prompt, "")) for prompt in prompts]
 
     @property
     def prompts_seen(self) -> list[str]:

@@ -11,11 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from _eval_fixtures import ScriptedPredictor, obj, write_image
+from _eval_fixtures import ScriptedPredictor, obj, predictor_result, write_image
 from PIL import Image
 
 from kosmos2.eval import cli as eval_cli
@@ -151,19 +150,6 @@ def test_world_prompts_tokenise_as_the_predictor_helpers_prompts(kosmos2_tokeniz
 # The world evaluation with answers derived from the samples
 
 
-@dataclass
-class _Entity:
-    phrase: str
-    boxes: list
-
-
-@dataclass
-class _Result:
-    text: str
-    caption: str
-    entities: list = field(default_factory=list)
-
-
 class SamplePredictor:
     """Answers each (rendered image, prompt) with `answer(sample)`, finding the sample by the pixels."""
 
@@ -175,14 +161,12 @@ class SamplePredictor:
                 self.samples[(_digest(world.render(s["scene"])), s["prompt"])] = s
         self.calls = 0
 
-    def ground(self, images: list, prompts: list[str], **generation: Any) -> list[_Result]:
+    def ground(self, images: list, prompts: list[str], **generation: Any) -> list[Any]:
         self.calls += 1
-        out = []
-        for image, prompt in zip(images, prompts, strict=True):
-            text = self.answer(self.samples[(_digest(image), prompt)])
-            g = parse(prompt + text)  # as the Predictor: the prompt's phrase gets the generated boxes
-            out.append(_Result(text, g.caption, [_Entity(e.phrase, list(e.boxes)) for e in g.entities]))
-        return out
+        return [
+            predictor_result(prompt, self.answer(self.samples[(_digest(image), prompt)]))
+            for image, prompt in zip(images, prompts, strict=True)
+        ]
 
 
 def _digest(image: Image.Image) -> str:
