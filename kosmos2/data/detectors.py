@@ -222,6 +222,13 @@ class _TransformersDetector(Detector):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "model_dir": self.model_dir, "min_score": self.min_score}
 
+    def _forward(self, inputs: Any) -> Any:
+        """The model's outputs for a processor batch `inputs` (tensors moved to the device), no autograd."""
+        import torch
+
+        with torch.no_grad():
+            return self.model(**{k: v.to(self.device) for k, v in inputs.items()})
+
 
 def _above(
     phrase: torch.Tensor, corners: torch.Tensor, scores: torch.Tensor, min_score: float
@@ -354,8 +361,7 @@ class GroundingDinoDetector(_TransformersDetector):
                 raise RuntimeError(
                     f"{self.model_dir}: the processor tokenised the prompts unlike its tokenizer"
                 )
-            with torch.no_grad():
-                outputs = self.model(**{k: v.to(self.device) for k, v in inputs.items()})
+            outputs = self._forward(inputs)
             for b, (i, group) in enumerate(batch):
                 token_phrase = self._token_phrase(
                     encoding["offset_mapping"][b], inputs["input_ids"][b], spans[b], outputs.logits.shape[-1]
@@ -439,7 +445,6 @@ class Owlv2Detector(_TransformersDetector):
         phrases_per_image: Sequence[Sequence[str]],
         keys: Sequence[str] | None = None,
     ) -> list[list[Detection]]:
-        import torch
 
         _check_batch(images, phrases_per_image)
         todo = [i for i, phrases in enumerate(phrases_per_image) if phrases]
@@ -453,8 +458,7 @@ class Owlv2Detector(_TransformersDetector):
                 padding="max_length",
                 truncation=True,
             )
-            with torch.no_grad():
-                outputs = self.model(**{k: v.to(self.device) for k, v in inputs.items()})
+            outputs = self._forward(inputs)
             for b, i in enumerate(batch):
                 width, height = images[i].size
                 results[i] = owlv2_postprocess(
