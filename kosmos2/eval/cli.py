@@ -126,7 +126,12 @@ def _text_metrics(p: argparse.ArgumentParser) -> None:
 
 def _common(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
     g = p.add_argument_group("model and run")
-    g.add_argument("--checkpoint", help="model directory; default: the built-in default model")
+    g.add_argument(
+        "--model",
+        "--checkpoint",
+        dest="checkpoint",
+        help="model directory, as for `kosmos2 ground` (default: the built-in default model)",
+    )
     g.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     g.add_argument("--out", type=Path, required=True, help="output folder (metrics.json, report.md, plots)")
