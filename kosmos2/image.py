@@ -40,7 +40,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,6 +47,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from kosmos2.fileio import atomic_write
 
 if TYPE_CHECKING:
     import torch
@@ -465,21 +466,7 @@ def _draw_label(
 
 
 def _write_png_atomically(image: Image.Image, path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see a half-written PNG."""
+    """Readers never see a half-written PNG (temporary file + rename)."""
     if path.suffix.lower() != ".png":
         raise ValueError(f"{str(path)!r}: draw_boxes writes PNG; give a path ending in .png")
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{str(path)!r}: directory {str(directory)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the drawing is an ordinary output file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: image.save(f, format="PNG"))

@@ -67,6 +67,7 @@ from kosmos2.data.detectors import (
     make_detector,
     select_detections,
 )
+from kosmos2.fileio import atomic_write, fsync_dir
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -655,31 +656,6 @@ def shard_names(index: int) -> tuple[str, str]:
     return f"part-{index:05d}.parquet", f"part-{index:05d}.tar"
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # not possible on every platform; the rename is still atomic
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through `write(file)` into a temporary file beside `path`, fsync, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime = len(data), 0o644, 0  # fixed metadata: equal shards are equal bytes
@@ -700,7 +676,7 @@ def write_shard(output: str | os.PathLike, shard: ShardOutput, webdataset: bool 
             f"shard {shard.index}: the keys {duplicates[:5]} occur more than once; keys must be unique"
         )
     table = pa.Table.from_pylist(shard.records, schema=grit_schema())
-    _atomic_write(directory / parquet_name, lambda f: pq.write_table(table, f))
+    atomic_write(directory / parquet_name, lambda f: pq.write_table(table, f))
     files = [parquet_name]
     if webdataset:
 
@@ -714,9 +690,9 @@ def write_shard(output: str | os.PathLike, shard: ShardOutput, webdataset: bool 
                         tar, f"{record['key']}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8")
                     )
 
-        _atomic_write(directory / tar_name, write_tar)
+        atomic_write(directory / tar_name, write_tar)
         files.append(tar_name)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return {"files": files, **{k: int(v) for k, v in sorted(shard.counts.items())}}
 
 
@@ -842,8 +818,8 @@ class Manifest:
 
     def save(self) -> None:
         text = json.dumps(self.data, indent=1, sort_keys=True).encode("utf-8")
-        _atomic_write(self.path, lambda f: f.write(text))
-        _fsync_dir(self.directory)
+        atomic_write(self.path, lambda f: f.write(text))
+        fsync_dir(self.directory)
 
     def totals(self) -> Counter:
         total: Counter = Counter()
