@@ -53,6 +53,7 @@ from tokenizers import (
     trainers,
 )
 
+from kosmos2.fileio import atomic_write, atomic_write_text
 from kosmos2.grounding import GRID, TAG_TOKENS, patch_token
 
 if TYPE_CHECKING:
@@ -161,9 +162,10 @@ class Kosmos2Tokenizer:
         """
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(path / TOKENIZER_FILE))
+        atomic_write_text(path / TOKENIZER_FILE, self.backend.to_str())
         if self.sentencepiece_model is not None:
-            (path / SENTENCEPIECE_FILE).write_bytes(self.sentencepiece_model)
+            sp = self.sentencepiece_model
+            atomic_write(path / SENTENCEPIECE_FILE, lambda f: f.write(sp))
         special_tokens = {
             "bos_token": BOS,
             "eos_token": EOS,
@@ -181,8 +183,8 @@ class Kosmos2Tokenizer:
             "clean_up_tokenization_spaces": False,
             **special_tokens,
         }
-        (path / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        (path / SPECIAL_TOKENS_MAP_FILE).write_text(json.dumps(special_tokens, indent=2) + "\n")
+        atomic_write_text(path / TOKENIZER_CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+        atomic_write_text(path / SPECIAL_TOKENS_MAP_FILE, json.dumps(special_tokens, indent=2) + "\n")
         return path
 
     # ---------------------------------------------------------------- text <-> ids

@@ -48,6 +48,7 @@ from kosmos2.eval.runner import (
     resolve_image,
     run_queries,
 )
+from kosmos2.fileio import atomic_write_text
 from kosmos2.grounding import GROUNDING, PHRASE_END, PHRASE_START
 
 Box = tuple[float, float, float, float]
@@ -615,7 +616,7 @@ def write_grounding_report(
         md += [report.image_link(bars, out_dir, "recall by phrase type"), ""]
     if sheet:
         md += [report.image_link(sheet, out_dir, "samples"), ""]
-    (out_dir / "report.md").write_text("\n".join(md), encoding="utf-8")
+    atomic_write_text(out_dir / "report.md", "\n".join(md))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -721,5 +722,5 @@ def evaluate_captions(
         *(f"- {n}" for n in scores["notes"]),
         "",
     ]
-    (out_dir / "report.md").write_text("\n".join(md), encoding="utf-8")
+    atomic_write_text(out_dir / "report.md", "\n".join(md))
     return result

@@ -47,6 +47,7 @@ from kosmos2.eval.runner import (
     resolve_image,
     run_queries,
 )
+from kosmos2.fileio import atomic_write_text
 from kosmos2.grounding import GROUNDING, PHRASE_END, PHRASE_START, box_to_normalized, object_markup
 
 Box = tuple[float, float, float, float]
@@ -504,7 +505,7 @@ def write_rec_report(
         report.image_link(sheet, out_dir, "samples") if sheet else "",
         "",
     ]
-    (out_dir / "report.md").write_text("\n".join(md), encoding="utf-8")
+    atomic_write_text(out_dir / "report.md", "\n".join(md))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -594,5 +595,5 @@ def evaluate_reg(
         *(f"- {note}" for note in scores["notes"]),
         "",
     ]
-    (out_dir / "report.md").write_text("\n".join(md), encoding="utf-8")
+    atomic_write_text(out_dir / "report.md", "\n".join(md))
     return result

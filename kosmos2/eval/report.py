@@ -25,6 +25,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from kosmos2.fileio import atomic_write, atomic_write_text
+
 Box = tuple[float, float, float, float]
 
 TRUTH_COLOUR = (0, 170, 0)
@@ -34,8 +36,7 @@ PREDICTED_COLOUR = (220, 0, 0)
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=_jsonable) + "\n", encoding="utf-8")
-    return path
+    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_jsonable) + "\n")
 
 
 def write_jsonl(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Path:
@@ -106,8 +107,7 @@ def iou_histogram(ious: Sequence[float], path: str | os.PathLike, title: str) ->
     ax.set_title(title)
     ax.legend(loc="upper center")
     fig.tight_layout()
-    fig.savefig(path)
-    return Path(path)
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def bar_chart(
@@ -138,8 +138,7 @@ def bar_chart(
     if len(series) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    return Path(path)
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -212,8 +211,7 @@ def sample_sheet(
         draw.multiline_text((x0 + 4, y0 + tile + 2), "\n".join(lines), fill=(0, 0, 0), font=font, spacing=2)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
-    return path
+    return atomic_write(path, lambda f: sheet.save(f, format="PNG"))
 
 
 def image_link(path: Path | None, out_dir: Path, alt: str) -> str:

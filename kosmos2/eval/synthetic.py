@@ -55,6 +55,7 @@ from PIL import Image
 
 from kosmos2.eval import flickr30k, metrics, refcoco, report
 from kosmos2.eval.runner import GroundingPredictor, PredictionCache, Query, default_cache, run_queries
+from kosmos2.fileio import atomic_write_text
 
 Box = tuple[float, float, float, float]
 
@@ -692,7 +693,7 @@ def write_world_report(
         "- REG, VQA, caption: exact match after the same normalisation.",
         "",
     ]
-    (out_dir / "report.md").write_text("\n".join(md), encoding="utf-8")
+    atomic_write_text(out_dir / "report.md", "\n".join(md))
 
 
 def _results_table(by_task: Mapping[str, Mapping[str, Any]]) -> str:
