@@ -13,6 +13,7 @@ server, the demo and the evaluation all call this class.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,19 @@ def default_model_dir() -> Path:
     """The model used when no path is given: $KOSMOS2_MODEL, else the one shipped in the package."""
     env = os.environ.get(DEFAULT_MODEL_ENV)
     return Path(env) if env else Path(__file__).parent / "assets" / "default"
+
+
+def generation_defaults(directory: Path, tokenizer) -> GenerationConfig:
+    """Decoding defaults: the official settings (SPEC §8), overridden by the checkpoint's
+    `generation_config.json` for the options `GenerationConfig` knows (as transformers' `generate` does)."""
+    known = {f for f in GenerationConfig.__dataclass_fields__} - {"eos_token_id", "pad_token_id", "seed"}
+    path = directory / "generation_config.json"
+    given = json.loads(path.read_text()) if path.is_file() else {}
+    if not isinstance(given, dict):
+        raise ValueError(f"{path}: expected a JSON object of generation settings")
+    options = {k: v for k, v in given.items() if k in known}
+    base = GenerationConfig(eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    return GenerationConfig.from_kwargs(base, **options)
 
 
 @dataclass
@@ -141,7 +155,7 @@ class Predictor:
                 f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding "
                 f"only {model.config.text.vocab_size}; the tokenizer files do not belong to these weights"
             )
-        return cls(model, tokenizer, batch_size=batch_size)
+        return cls(model, tokenizer, generation_defaults(directory, tokenizer), batch_size=batch_size)
 
     @property
     def device(self) -> torch.device:

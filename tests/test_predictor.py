@@ -3,6 +3,8 @@ transformers' processor + model + post-processing give on the same directory; ta
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -164,3 +166,18 @@ def test_bf16(tiny_checkpoint_dir):
     r = p.ground(images(1)[0], max_new_tokens=4)
     assert len(r.token_ids) <= 4
     assert isinstance(grounding.parse(r.text).caption, str)
+
+
+def test_generation_defaults_come_from_the_checkpoint(tiny_checkpoint_dir, tmp_path):
+    # the official settings, as written by save_pretrained: no-repeat-ngram 3, greedy
+    assert Predictor.from_pretrained(tiny_checkpoint_dir).generation.no_repeat_ngram_size == 3
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint_dir, copy)
+    (copy / "generation_config.json").write_text(
+        '{"no_repeat_ngram_size": 0, "max_new_tokens": 7, "num_beams": 2, "use_cache": true}'
+    )
+    p = Predictor.from_pretrained(copy)
+    g = p.generation
+    assert (g.no_repeat_ngram_size, g.max_new_tokens, g.num_beams) == (0, 7, 2)
+    assert len(p.ground(images(1)[0]).token_ids) <= 7
+    assert p.ground(images(1)[0], max_new_tokens=2, num_beams=1).token_ids  # call options still win
