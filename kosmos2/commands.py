@@ -44,6 +44,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=_ground_command)
 
+    p = subparsers.add_parser(
+        "draw",
+        help="draw the boxes of a grounded text on an image",
+        description="Parse grounded markup (model output or hand-written) and draw its boxes on the image.",
+    )
+    p.add_argument("image", help="image file")
+    p.add_argument("text", help="grounded text, e.g. '<phrase>a ball</phrase><object><patch_index_0044>...'")
+    p.add_argument("--out", "-o", required=True, help="the PNG to write")
+    p.set_defaults(func=lambda a: print(draw_markup(a.image, a.text, a.out)))
+
     p = subparsers.add_parser("info", help="describe a checkpoint directory")
     p.add_argument("model", nargs="?", help="checkpoint directory (default: the built-in model)")
     p.set_defaults(func=lambda a: print(json.dumps(describe_checkpoint(a.model), indent=2)))
@@ -140,6 +150,26 @@ def ground_images(
         progress.update(len(chunk))
     progress.close()
     return results
+
+
+def draw_markup(image: str, text: str, out: str) -> str:
+    """Parse grounded `text`, draw its entities' boxes on `image` into `out`; return the printed summary."""
+    from types import SimpleNamespace
+
+    from kosmos2 import grounding
+    from kosmos2.image import draw_boxes, image_size, load_image
+
+    picture = load_image(image)
+    W, H = image_size(picture)
+    parsed = grounding.parse(text)
+    entities = [
+        SimpleNamespace(
+            phrase=e.phrase, span=e.span, pixel_boxes=[grounding.box_to_pixels(b, W, H) for b in e.boxes]
+        )
+        for e in parsed.entities
+    ]
+    draw_boxes(picture, entities, out_path=out)
+    return _format(image, SimpleNamespace(caption=parsed.caption, entities=entities))
 
 
 def _draw_targets(images: Sequence[str], draw: str) -> list[Path]:

@@ -123,3 +123,17 @@ def test_console_script_process(tiny_checkpoint_dir, image_files):
     assert proc.stdout.startswith(f"{image_files[1]}: ")
     proc = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=60)
     assert "ground" in proc.stdout and "convert" in proc.stdout
+
+
+def test_draw_markup(tmp_path, capsys):
+    Image.new("RGB", (320, 160), (255, 255, 255)).save(tmp_path / "white.png")
+    # cell 517 = row 16, col 5; cell 811 = row 25, col 11: different row and column -> cell centres
+    text = "An image of <phrase>a red ball</phrase><object><patch_index_0517><patch_index_0811></object>"
+    assert main(["draw", str(tmp_path / "white.png"), text, "--out", str(tmp_path / "drawn.png")]) == 0
+    printed = capsys.readouterr().out
+    x1, y1, x2, y2 = 5.5 / 32 * 320, 16.5 / 32 * 160, 11.5 / 32 * 320, 25.5 / 32 * 160  # 55, 82.5, 115, 127.5
+    assert printed.startswith(f"{tmp_path / 'white.png'}: An image of a red ball")
+    assert f"'a red ball' [12:22] -> ({x1:.0f}, {y1:.0f}, {x2:.0f}, {y2:.0f})" in printed
+    drawn = Image.open(tmp_path / "drawn.png").convert("RGB")
+    assert drawn.getpixel((round(x1), 105)) != (255, 255, 255)  # left edge of the box
+    assert drawn.getpixel((200, 40)) == (255, 255, 255)  # far from it
