@@ -1,0 +1,557 @@
+"""Generation speed of kosmos2 against transformers on the same random weights, in the same run.
+
+    python benchmarks/generate.py                  # full size (1.66 B parameters, float32), ~10-15 minutes
+    python benchmarks/generate.py --quick          # fewer new tokens and repeats, ~5 minutes
+    python benchmarks/generate.py --preset tiny    # smoke test, seconds
+
+What it does (benchmarks/README.md explains every number):
+1. Measures the memory read bandwidth: `sum()` of a 1 GiB float32 tensor with the benchmark's thread count,
+   repeated; the best repeat is the bandwidth (an upper bound should use the best the machine showed).
+2. Builds the architecture once with seeded random weights and writes it as a Hugging Face layout checkpoint
+   (`kosmos2.checkpoint.save_pretrained`) into a temporary folder.
+3. Starts two worker processes, one per implementation, each loading that checkpoint the way a user would
+   (`kosmos2.checkpoint.load_pretrained`; `Kosmos2ForConditionalGeneration.from_pretrained`). Separate
+   processes give each side its own peak RSS. Both stay alive and the parent runs them in turn (ABBA order),
+   so machine noise hits both sides alike.
+4. Each measurement is a greedy generation (no-repeat-ngram 3, no early stop: exactly `--new-tokens` tokens)
+   from random pixels + the 71-token prompt `<s><image>[64 slots]</image><grounding> w1 w2 w3` (the length of
+   "<grounding>An image of"), timed at every new token: prefill = call -> first new token (image encoder,
+   connector, prompt through the decoder, first token chosen); decode tokens/s = B * (N - 1) / (time of the
+   last token - time of the first).
+5. Prints a Markdown table with the ratio ours / transformers and the batch-1 decode speed against the
+   bandwidth bound (bandwidth / bytes of the weights read per token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kosmos2.config import Kosmos2Config
+
+GB = 1e9
+IMAGE_START, IMAGE_END, GROUNDING = 64003, 64004, 64012
+WORDS = (1250, 3410, 111)  # three ordinary text ids standing in for "An image of"
+
+
+# -- machine measurements -----------------------------------------------------------------------------------
+
+
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> dict[str, float]:
+    """Read bandwidth (bytes/s) of `x.sum()` over an `nbytes` float32 tensor: best and median of `repeats`.
+
+    Also the copy bandwidth (`y.copy_(x)`, read + write bytes counted) for reference.
+    """
+    x = torch.ones(nbytes // 4)
+    y = torch.empty_like(x)
+    sums, copies = [], []
+    x.sum()
+    y.copy_(x)  # first touch of y's pages is not a measurement
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        sums.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        y.copy_(x)
+        copies.append(time.perf_counter() - start)
+    return {
+        "read_best": nbytes / min(sums),
+        "read_median": nbytes / statistics.median(sums),
+        "copy_best": 2 * nbytes / min(copies),
+        "copy_median": 2 * nbytes / statistics.median(copies),
+    }
+
+
+def weight_bytes(config: Kosmos2Config, element_size: int = 4) -> dict[str, int]:
+    """Bytes of the weights: all of them, and those one decoding step reads (decoder blocks, final LayerNorm
+    and the tied embedding once, as the output head; the vision encoder and connector run at prefill only)."""
+    from kosmos2.model import Kosmos2
+
+    with torch.device("meta"):
+        model = Kosmos2(config)
+    params = dict(model.named_parameters())  # a tied tensor appears once
+    total = sum(p.numel() for p in params.values())
+    decoder = sum(p.numel() for n, p in params.items() if n.startswith("text_model."))
+    return {"all": total * element_size, "per_token": decoder * element_size}
+
+
+def kv_bytes_per_step(config: Kosmos2Config, batch: int, length: int, element_size: int = 4) -> int:
+    """Keys and values one step reads from a cache of `length` slots (our static cache reads all of them)."""
+    t = config.text
+    return 2 * t.layers * batch * length * t.width * element_size
+
+
+def _memory_status() -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of this process in bytes, from /proc (Linux)."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    key, value = line.split(":")
+                    out[key] = int(value.split()[0]) * 1024
+    except OSError:  # not Linux: fall back to getrusage's peak (kilobytes on Linux, bytes on macOS)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["VmHWM"] = peak if sys.platform == "darwin" else peak * 1024
+    return out
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS to its current RSS (Linux clear_refs 5); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# -- inputs -------------------------------------------------------------------------------------------------
+
+
+def make_inputs(
+    config: Kosmos2Config, batch: int, prompt_length: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """pixels [B,3,S,S] (seeded, one image per row), input_ids, attention_mask, image_mask [B,T].
+
+    Every row carries the same prompt, so there is no padding (transformers' cached decoding mis-positions
+    left-padded rows; SPEC §6). The prompt is `<s> <image> [N slots] </image> <grounding> words...`.
+    """
+    n = config.latent_query_num
+    if prompt_length < n + 4:
+        raise ValueError(
+            f"--prompt-length must be at least {n + 4} (BOS, <image>, {n} slots, </image>, text)"
+        )
+    text = [GROUNDING, *WORDS][: prompt_length - (n + 3)]
+    text += range(200, 200 + prompt_length - (n + 3) - len(text))  # longer prompts: more ordinary ids
+    ids = [0, IMAGE_START, *range(4, 4 + n), IMAGE_END, *text]
+    mask = [False, False, *([True] * n), False, *([False] * len(text))]
+    g = torch.Generator().manual_seed(seed)
+    size = config.vision.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=g)
+    input_ids = torch.tensor([ids] * batch)
+    return pixels, input_ids, torch.ones_like(input_ids), torch.tensor([mask] * batch)
+
+
+# -- the two workers ----------------------------------------------------------------------------------------
+
+
+class _Ours:
+    """kosmos2: load_pretrained, encode_images, stream (the predictor's path)."""
+
+    name = "kosmos2"
+
+    def __init__(self, checkpoint: Path, options: dict):
+        from kosmos2.checkpoint import load_pretrained
+
+        self.model = load_pretrained(checkpoint)
+        self.config = self.model.config
+
+    def generate(self, pixels, input_ids, attention_mask, image_mask, new_tokens: int):
+        from kosmos2.generate import GenerationConfig, encode_images, stream
+
+        cfg = GenerationConfig(max_new_tokens=new_tokens, no_repeat_ngram_size=3, eos_token_id=None)
+        times, tokens = [], []
+        start = time.perf_counter()
+        embeds = encode_images(self.model, pixels)
+        for step_tokens, _finished in stream(self.model, input_ids, attention_mask, embeds, image_mask, cfg):
+            times.append(time.perf_counter() - start)
+            tokens.append(step_tokens.tolist())
+        return times, tokens
+
+
+class _Transformers:
+    """transformers: from_pretrained, generate with a streamer that timestamps every new token."""
+
+    def __init__(self, checkpoint: Path, options: dict):
+        from transformers import Kosmos2ForConditionalGeneration
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+        self.attn = options["hf_attn"]
+        self.name = f"transformers ({self.attn})"
+        self.model = Kosmos2ForConditionalGeneration.from_pretrained(
+            checkpoint, attn_implementation=self.attn, dtype=torch.float32
+        ).eval()
+        self.model.generation_config.eos_token_id = None  # no early stop, as on our side
+
+    def generate(self, pixels, input_ids, attention_mask, image_mask, new_tokens: int):
+        from transformers.generation.streamers import BaseStreamer
+
+        class Timer(BaseStreamer):
+            def __init__(self):
+                self.prompt_seen, self.times, self.tokens = False, [], []
+
+            def put(self, value):
+                if not self.prompt_seen:  # generate first puts the prompt
+                    self.prompt_seen = True
+                    return
+                self.times.append(time.perf_counter() - start)
+                self.tokens.append(value.reshape(-1).tolist())
+
+            def end(self):
+                pass
+
+        timer = Timer()
+        start = time.perf_counter()
+        with torch.no_grad():
+            self.model.generate(
+                pixel_values=pixels,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                image_embeds_position_mask=image_mask.long(),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                num_beams=1,
+                no_repeat_ngram_size=3,
+                streamer=timer,
+            )
+        return timer.times, timer.tokens
+
+
+SIDES = {"ours": _Ours, "transformers": _Transformers}
+
+
+def _worker(conn, side: str, checkpoint: str, threads: int, options: dict) -> None:
+    """One implementation in its own process: load, warm up, then answer ("generate", B, N) requests."""
+    try:
+        torch.set_num_threads(threads)
+        start = time.perf_counter()
+        impl = SIDES[side](Path(checkpoint), options)
+        load_s = time.perf_counter() - start
+        config = Kosmos2Config.from_json_file(Path(checkpoint) / "config.json")
+        # warm-up: touches every weight page and builds the kernels' plans; not measured
+        impl.generate(*make_inputs(config, 1, options["prompt_length"], seed=99), new_tokens=2)
+        memory = _memory_status()
+        reset = _reset_peak_rss()
+        conn.send(
+            {
+                "name": impl.name,
+                "load_s": load_s,
+                "rss_after_load": memory.get("VmRSS"),
+                "peak_until_now": memory.get("VmHWM"),
+                "peak_reset": reset,
+            }
+        )
+        while True:
+            request = conn.recv()
+            if request[0] == "stop":
+                conn.send(_memory_status())
+                return
+            _, batch, new_tokens, seed = request
+            inputs = make_inputs(config, batch, options["prompt_length"], seed=seed)
+            times, tokens = impl.generate(*inputs, new_tokens=new_tokens)
+            conn.send({"times": times, "tokens": tokens})
+    except BaseException:
+        conn.send({"error": traceback.format_exc()})
+
+
+class Worker:
+    """Parent-side handle of a worker process."""
+
+    def __init__(self, side: str, checkpoint: Path, threads: int, options: dict):
+        ctx = mp.get_context("spawn")
+        self.side = side
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(
+            target=_worker, args=(child, side, str(checkpoint), threads, options), daemon=True
+        )
+        self.process.start()
+        self.info = self._receive()
+
+    def _receive(self) -> dict:
+        message = self.conn.recv()
+        if "error" in message:
+            raise RuntimeError(f"{self.side} worker failed:\n{message['error']}")
+        return message
+
+    def generate(self, batch: int, new_tokens: int, seed: int) -> dict:
+        self.conn.send(("generate", batch, new_tokens, seed))
+        return self._receive()
+
+    def stop(self) -> dict:
+        self.conn.send(("stop",))
+        final = self._receive()
+        self.process.join(timeout=60)
+        return final
+
+
+# -- the run ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SideResult:
+    name: str = ""
+    load_s: float = 0.0
+    prefill_s: list[float] = field(default_factory=list)  # batch 1: call -> first new token
+    prefill_b8_s: list[float] = field(default_factory=list)
+    decode: dict[int, list[float]] = field(default_factory=dict)  # batch -> tokens/s per repeat
+    step_s: dict[int, list[float]] = field(default_factory=dict)  # batch -> every decode step's seconds
+    tokens: dict[int, list] = field(default_factory=dict)  # batch -> tokens of the first repeat [steps][B]
+    rss_after_load: int | None = None
+    peak_rss: int | None = None  # whole process, load included
+    peak_rss_generation: int | None = None  # after load and warm-up (None if the reset is not allowed)
+
+
+def build_checkpoint(config: Kosmos2Config, directory: Path, seed: int) -> float:
+    """Seeded random weights for `config`, saved as a HF-layout checkpoint; returns seconds taken.
+
+    Matrices ~ N(0, 0.02^2) (the usual initialisation: deep random networks with much larger weights are
+    chaotic, and float32 rounding differences between two implementations grow into different outputs),
+    except the token embedding ~ N(0, 0.3^2): as the tied output head it makes the logits peaked (std ~14),
+    so rounding cannot flip a greedy choice and the benchmark can check that both sides generate the same
+    tokens. LayerNorm weights ~ 1 + N(0, 0.1^2), vectors ~ N(0, 0.1^2).
+    """
+    from torch import nn
+
+    from kosmos2.checkpoint import save_pretrained
+    from kosmos2.model import Kosmos2
+
+    start = time.perf_counter()
+    with torch.device("meta"):
+        model = Kosmos2(config)
+    model = model.to_empty(device="cpu")
+    model.tie_weights()
+    g = torch.Generator().manual_seed(seed)
+    norms = {id(m.weight) for m in model.modules() if isinstance(m, nn.LayerNorm)}
+    embedding = model.text_model.model.embed_tokens.weight
+    with torch.no_grad():
+        for p in model.parameters():
+            if id(p) in norms:
+                p.normal_(1.0, 0.1, generator=g)
+            elif p is embedding:
+                p.normal_(0.0, 0.3, generator=g)
+            elif p.dim() >= 2:
+                p.normal_(0.0, 0.02, generator=g)
+            else:
+                p.normal_(0.0, 0.1, generator=g)
+    save_pretrained(model.eval(), directory)
+    del model
+    gc.collect()
+    return time.perf_counter() - start
+
+
+def run(args: argparse.Namespace) -> dict:
+    config = Kosmos2Config.from_preset(args.preset)
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    new_tokens = args.new_tokens or (8 if args.quick else 32)
+    repeats = args.repeats or (1 if args.quick else 3)
+    repeats_b8 = args.repeats_b8 or (1 if args.quick else 2)
+    options = {"hf_attn": args.hf_attn, "prompt_length": args.prompt_length}
+    load_start = os.getloadavg()[0]
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    log(f"read bandwidth: sum() over 1 GiB float32, {threads} threads, 10 repeats ...")
+    bandwidth = read_bandwidth()
+    sizes = weight_bytes(config)
+    result: dict = {
+        "preset": args.preset,
+        "threads": threads,
+        "new_tokens": new_tokens,
+        "prompt_length": args.prompt_length,
+        "repeats": repeats,
+        "repeats_b8": repeats_b8,
+        "hf_attn": args.hf_attn,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {_cpu_name()}, {os.cpu_count()} cores",
+        "weights_all_bytes": sizes["all"],
+        "weights_per_token_bytes": sizes["per_token"],
+        "kv_bytes_per_step_b1": kv_bytes_per_step(config, 1, args.prompt_length + new_tokens),
+        "bandwidth": bandwidth,
+    }
+    sides = {side: SideResult() for side in SIDES}
+    with tempfile.TemporaryDirectory(prefix="kosmos2-bench-", dir=args.workdir) as tmp:
+        checkpoint = Path(tmp) / "checkpoint"
+        log(f"building {args.preset} with random weights ({sizes['all'] / GB:.2f} GB float32) ...")
+        result["build_s"] = build_checkpoint(config, checkpoint, args.seed)
+        log(f"  built and saved in {result['build_s']:.1f} s; starting the workers (load + warm-up) ...")
+        workers = {}
+        try:
+            for side in SIDES:
+                workers[side] = Worker(side, checkpoint, threads, options)
+                info = workers[side].info
+                s = sides[side]
+                s.name, s.load_s, s.rss_after_load = info["name"], info["load_s"], info["rss_after_load"]
+                s.peak_rss = info["peak_until_now"]
+                log(f"  {s.name}: loaded in {s.load_s:.1f} s, RSS {s.rss_after_load / GB:.2f} GB")
+            order = list(SIDES)
+            plan = [(1, r) for r in range(repeats)] + [(8, r) for r in range(repeats_b8)]
+            for i, (batch, r) in enumerate(plan):
+                for side in order if i % 2 == 0 else order[::-1]:  # ABBA: alternate who goes first
+                    out = workers[side].generate(batch, new_tokens, seed=r)
+                    times, s = out["times"], sides[side]
+                    if len(times) != new_tokens:
+                        raise RuntimeError(f"{s.name} generated {len(times)} tokens, expected {new_tokens}")
+                    (s.prefill_s if batch == 1 else s.prefill_b8_s).append(times[0])
+                    rate = batch * (new_tokens - 1) / (times[-1] - times[0]) if new_tokens > 1 else 0.0
+                    s.decode.setdefault(batch, []).append(rate)
+                    s.step_s.setdefault(batch, []).extend(
+                        b - a for a, b in zip(times[:-1], times[1:], strict=True)
+                    )
+                    s.tokens.setdefault(batch, out["tokens"])
+                    first = f"first token {times[0]:.2f} s"
+                    log(f"  batch {batch} run {r + 1}: {s.name}: {first}, {rate:.2f} tok/s")
+            for side, worker in workers.items():
+                final = worker.stop()
+                s = sides[side]
+                if worker.info["peak_reset"]:
+                    s.peak_rss_generation = final.get("VmHWM")
+                    s.peak_rss = max(s.peak_rss or 0, s.peak_rss_generation or 0)
+                else:
+                    s.peak_rss = final.get("VmHWM", s.peak_rss)
+        finally:
+            for worker in workers.values():
+                if worker.process.is_alive():
+                    worker.process.kill()
+    result["loadavg"] = [load_start, os.getloadavg()[0]]
+    result["bandwidth_end"] = read_bandwidth()
+    best_read = max(result["bandwidth"]["read_best"], result["bandwidth_end"]["read_best"])
+    result["read_bandwidth"] = best_read
+    result["bound_b1"] = best_read / sizes["per_token"]
+    result["sides"] = {k: v.__dict__ for k, v in sides.items()}
+    result["same_tokens"] = {
+        b: _agreement(sides["ours"].tokens.get(b), sides["transformers"].tokens.get(b)) for b in (1, 8)
+    }
+    return result
+
+
+def _agreement(a: list | None, b: list | None) -> str:
+    if a is None or b is None:
+        return "not run"
+    if a == b:
+        return "identical"
+    first = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    return f"differ from new token {first + 1}"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+# -- report -------------------------------------------------------------------------------------------------
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def report(r: dict) -> str:
+    """The Markdown table (medians over repeats) and the lines that explain it."""
+    ours, hf = r["sides"]["ours"], r["sides"]["transformers"]
+    bound = r["bound_b1"]
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return f"{a / b:.2f}" if a and b else "n/a"
+
+    def gb(x: int | None) -> str:
+        return f"{x / GB:.2f}" if x else "n/a"
+
+    p_ours, p_hf = _median(ours["prefill_s"]), _median(hf["prefill_s"])
+    p8_ours, p8_hf = _median(ours["prefill_b8_s"]), _median(hf["prefill_b8_s"])
+    d1_ours, d1_hf = _median(ours["decode"].get(1, [])), _median(hf["decode"].get(1, []))
+    d8_ours, d8_hf = _median(ours["decode"].get(8, [])), _median(hf["decode"].get(8, []))
+    rows = [
+        ("prefill, batch 1: image + prompt -> first token (s)", f"{p_ours:.2f}", f"{p_hf:.2f}",
+         ratio(p_ours, p_hf), "≤ 0.70"),
+        ("prefill, batch 8 (s)", f"{p8_ours:.2f}", f"{p8_hf:.2f}", ratio(p8_ours, p8_hf), ""),
+        ("decode, batch 1 (tokens/s)", f"{d1_ours:.2f}", f"{d1_hf:.2f}", ratio(d1_ours, d1_hf), ""),
+        (f"decode, batch 1: share of the bandwidth bound ({bound:.2f} tokens/s)",
+         f"{100 * d1_ours / bound:.0f} %", f"{100 * d1_hf / bound:.0f} %", "", "≥ 90 %"),
+        ("decode, batch 8 (tokens/s)", f"{d8_ours:.2f}", f"{d8_hf:.2f}", ratio(d8_ours, d8_hf), "≥ 1.5"),
+        ("peak RSS, whole process (GB)", gb(ours["peak_rss"]), gb(hf["peak_rss"]),
+         ratio(ours["peak_rss"], hf["peak_rss"]), ""),
+        ("peak RSS during generation (GB)", gb(ours["peak_rss_generation"]), gb(hf["peak_rss_generation"]),
+         ratio(ours["peak_rss_generation"], hf["peak_rss_generation"]), ""),
+        ("load checkpoint (s)", f"{ours['load_s']:.1f}", f"{hf['load_s']:.1f}",
+         ratio(ours["load_s"], hf["load_s"]), ""),
+    ]  # fmt: skip
+    setting = f"{r['preset']}, float32, {r['threads']} threads"
+    lines = [f"| {setting} | ours | {hf['name']} | ours / transformers | target |", "|---|---|---|---|---|"]
+    lines += [f"| {' | '.join(row)} |" for row in rows]
+    bw = r["bandwidth"]
+    lines += [
+        "",
+        f"- {r['machine']}; torch {r['torch']}; load average {r['loadavg'][0]:.1f} at start, "
+        f"{r['loadavg'][1]:.1f} at end.",
+        f"- Read bandwidth (sum of 1 GiB): best {r['read_bandwidth'] / GB:.1f} GB/s "
+        f"(start: best {bw['read_best'] / GB:.1f}, median {bw['read_median'] / GB:.1f}; "
+        f"copy best {bw['copy_best'] / GB:.1f} GB/s read+write).",
+        f"- Weights read per decoded token: {r['weights_per_token_bytes'] / GB:.2f} GB (decoder blocks + "
+        f"final LayerNorm + the tied embedding as the output head, float32) of "
+        f"{r['weights_all_bytes'] / GB:.2f} GB in all; bound = bandwidth / bytes = {bound:.2f} tokens/s at "
+        f"batch 1 ({r['read_bandwidth'] / r['weights_all_bytes']:.2f} tokens/s counting all weights). "
+        f"The KV cache adds {r['kv_bytes_per_step_b1'] / 1e6:.0f} MB per step at batch 1 (not counted).",
+        f"- Prompt {r['prompt_length']} tokens (image + text), {r['new_tokens']} new tokens, greedy, "
+        f"no-repeat-ngram 3, no early stop; medians of {r['repeats']} repeats at batch 1 and "
+        f"{r['repeats_b8']} at batch 8; both sides generated the same tokens: batch 1 "
+        f"{r['same_tokens'][1]}, batch 8 {r['same_tokens'][8]}.",
+        f"- Batch 8 decode against 8 x the bound: ours {100 * d8_ours / (8 * bound):.0f} %, "
+        f"transformers {100 * d8_hf / (8 * bound):.0f} %.",
+        "- From the median step instead of the mean (less sensitive to bursts of load from other processes): "
+        + "; ".join(
+            f"batch {b}: ours {b / _median(ours['step_s'].get(b, [])):.2f}, "
+            f"transformers {b / _median(hf['step_s'].get(b, [])):.2f} tokens/s"
+            for b in (1, 8)
+        )
+        + ".",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--preset", default="kosmos-2-patch14-224", help="model size (default: the released one)"
+    )
+    parser.add_argument("--quick", action="store_true", help="8 new tokens, one repeat per batch size")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per run (default 32)")
+    parser.add_argument("--repeats", type=int, default=None, help="batch-1 runs per side (default 3)")
+    parser.add_argument("--repeats-b8", type=int, default=None, help="batch-8 runs per side (default 2)")
+    parser.add_argument(
+        "--prompt-length", type=int, default=71, help="prompt tokens including the image slots"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads for both sides (default: all)"
+    )
+    parser.add_argument("--hf-attn", choices=["sdpa", "eager"], default="sdpa", help="transformers attention")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument(
+        "--workdir", default=None, help="where the temporary checkpoint goes (default: $TMPDIR)"
+    )
+    parser.add_argument("--json", default=None, help="also write all measurements to this JSON file")
+    args = parser.parse_args(argv)
+    if args.new_tokens is not None and args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2 (decode speed is measured between new tokens)")
+    result = run(args)
+    print(report(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
