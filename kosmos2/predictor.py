@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from kosmos2 import grounding
-from kosmos2.generate import GenerationConfig, generate, stream
+from kosmos2.generate import GenerationConfig, encode_images, generate, stream
 from kosmos2.image import image_size, load_image, preprocess
 
 DEFAULT_MODEL_ENV = "KOSMOS2_MODEL"  # a checkpoint directory to use when none is given
@@ -167,8 +167,7 @@ class Predictor:
         """Images (any source `load_image` takes) -> image embeddings [B, 64, D] and original sizes."""
         pil = [load_image(im) for im in images]
         pixels = preprocess(pil, size=self.image_resolution).to(self.device)
-        with torch.no_grad():
-            return self.model.encode_image(pixels), [image_size(im) for im in pil]
+        return encode_images(self.model, pixels), [image_size(im) for im in pil]
 
     def _options(self, defaults: dict[str, Any], options: dict[str, Any]) -> GenerationConfig:
         return GenerationConfig.from_kwargs(self.generation, **{**defaults, **options})
