@@ -31,6 +31,7 @@ import multiprocessing as mp
 import os
 import platform
 import resource
+import signal
 import statistics
 import sys
 import tempfile
@@ -108,6 +109,25 @@ def _memory_status() -> dict[str, int]:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         out["VmHWM"] = peak if sys.platform == "darwin" else peak * 1024
     return out
+
+
+def wait_until_idle(max_wait_s: float, poll_s: float = 0.5, quiet_polls: int = 4) -> float:
+    """Wait (at most `max_wait_s`) until no other process is running on the CPUs: /proc/stat's
+    procs_running counts runnable threads, this one included, so 1 means idle. Needs `quiet_polls`
+    consecutive idle polls. Returns the seconds waited (Linux only; elsewhere returns at once)."""
+    start = time.monotonic()
+    quiet = 0
+    while time.monotonic() - start < max_wait_s:
+        try:
+            with open("/proc/stat") as f:
+                running = next(int(line.split()[1]) for line in f if line.startswith("procs_running"))
+        except (OSError, StopIteration):
+            return 0.0
+        quiet = quiet + 1 if running <= 1 else 0
+        if quiet >= quiet_polls:
+            break
+        time.sleep(poll_s)
+    return time.monotonic() - start
 
 
 def _reset_peak_rss() -> bool:
@@ -359,6 +379,8 @@ def run(args: argparse.Namespace) -> dict:
         print(message, file=sys.stderr, flush=True)
 
     log(f"read bandwidth: sum() over 1 GiB float32, {threads} threads, 10 repeats ...")
+    if args.wait_idle:
+        wait_until_idle(args.wait_idle)
     bandwidth = read_bandwidth()
     sizes = weight_bytes(config)
     result: dict = {
@@ -395,6 +417,9 @@ def run(args: argparse.Namespace) -> dict:
             plan = [(1, r) for r in range(repeats)] + [(8, r) for r in range(repeats_b8)]
             for i, (batch, r) in enumerate(plan):
                 for side in order if i % 2 == 0 else order[::-1]:  # ABBA: alternate who goes first
+                    if args.wait_idle:
+                        waited = wait_until_idle(args.wait_idle)
+                        log(f"  waited {waited:.0f} s for idle CPUs (load {os.getloadavg()[0]:.1f})")
                     out = workers[side].generate(batch, new_tokens, seed=r)
                     times, s = out["times"], sides[side]
                     if len(times) != new_tokens:
@@ -421,6 +446,8 @@ def run(args: argparse.Namespace) -> dict:
                 if worker.process.is_alive():
                     worker.process.kill()
     result["loadavg"] = [load_start, os.getloadavg()[0]]
+    if args.wait_idle:
+        wait_until_idle(args.wait_idle)
     result["bandwidth_end"] = read_bandwidth()
     best_read = max(result["bandwidth"]["read_best"], result["bandwidth_end"]["read_best"])
     result["read_bandwidth"] = best_read
@@ -542,10 +569,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--workdir", default=None, help="where the temporary checkpoint goes (default: $TMPDIR)"
     )
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="on a shared machine: before each run wait up to SECONDS until no other process is running",
+    )
     parser.add_argument("--json", default=None, help="also write all measurements to this JSON file")
     args = parser.parse_args(argv)
     if args.new_tokens is not None and args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (decode speed is measured between new tokens)")
+    # a plain `kill` ends the run through the cleanup below (workers stopped, temporary checkpoint removed)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     result = run(args)
     print(report(result))
     if args.json:

@@ -11,9 +11,10 @@ whole sequence, prompt included (image slot ids too), stopping at `</s>`. The n-
 that row's real tokens, never left padding, so a batched row generates exactly what it would alone.
 
 Speed (benchmarks/generate.py): the model calls here run their float32 linear layers on the CPU through
-oneDNN's matmul instead of PyTorch's default BLAS call (`onednn_linear`): the same float32 arithmetic, up to
-~2x faster for one decoding row and ~3x for eight on the CPU we measured. Everything else is plain eager
-PyTorch over the model's static KV cache (torch.compile gained nothing measurable on the decode step).
+oneDNN's matmul instead of PyTorch's default BLAS call (`onednn_linear`): the same float32 arithmetic, ~1.8x
+faster for one decoding row and ~2x for eight on the 2-core AMD CPU we measured, with both cores free.
+Everything else is plain eager PyTorch over the model's static KV cache (torch.compile gained nothing
+measurable on the decode step).
 """
 
 from __future__ import annotations
@@ -101,7 +102,9 @@ class _OneDNNLinearMode(TorchFunctionMode):
     machine's read bandwidth. With 8 rows (batch-8 decoding) MKL reached 6-12 GB/s of weights and oneDNN's
     AVX-512 brgemm 20-29; with 71-257 rows (prompt, vision encoder) oneDNN is about twice as fast. oneDNN
     takes the row-major weight as it is (no repacking, no copy). Both compute in float32; results differ by
-    summation order only (~1e-6 relative).
+    summation order only (~1e-6 relative). Every product is split across the threads, so on cores that other
+    processes keep busy each one waits for a parked thread: give generation the idle cores
+    (`torch.set_num_threads`).
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
