@@ -104,6 +104,14 @@ class Recipe:
     tokenizer_vocab_size: int = 256  # base BPE vocabulary (fairseq specials + pieces); 1036 tags follow
     tokenizer_corpus_lines: int = 20000
     location_init: bool = True  # start the location tokens from a 2-D sinusoidal code (see init_locations)
+    # "scaled": unit-gain layers and a centred connector (init_scaled, center_connector); "std": the model's
+    # own init (std 0.02 everywhere)
+    init: str = "scaled"
+    # "all": the loss covers every token after the image slots (SPEC §3); "target": only the sample's target
+    # (what follows the prompt) and </s>, as in instruction tuning. With "all" the prompt text, which does not
+    # depend on the image, is learned first and teaches the decoder to flatten the image slots
+    # (docs/DEFAULT_MODEL.md).
+    loss_on: str = "target"
     checkpoint_every: int = 100
     log_every: int = 10
     export_dtype: str = "bfloat16"  # dtype of the exported model/ weights
@@ -129,6 +137,10 @@ class Recipe:
             )
         if self.warmup_steps < 0 or self.grad_clip <= 0 or self.weight_decay < 0:
             raise ValueError("recipe warmup_steps and weight_decay must be >= 0 and grad_clip > 0")
+        if self.init not in ("scaled", "std"):
+            raise ValueError(f"recipe init {self.init!r}: use 'scaled' or 'std'")
+        if self.loss_on not in ("target", "all"):
+            raise ValueError(f"recipe loss_on {self.loss_on!r}: use 'target' or 'all'")
         if self.export_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"recipe export_dtype {self.export_dtype!r}: use float32, bfloat16 or float16")
         return self
@@ -246,9 +258,72 @@ def build_model(recipe: Recipe, tokenizer: Kosmos2Tokenizer) -> Kosmos2:
 
     torch.manual_seed(recipe.seed)
     model = Kosmos2(model_config(recipe, tokenizer))
+    if recipe.init == "scaled":
+        init_scaled(model)
+        center_connector(model, recipe)
     if recipe.location_init:
         init_locations(model, tokenizer)
     return model
+
+
+def init_scaled(model: Kosmos2, slot_std: float = 0.1, position_std: float = 0.5) -> None:
+    """Re-initialise for a small model trained from scratch: every linear layer at unit gain (std
+    1/sqrt(fan_in)), the residual branches' output layers (out_proj, fc2) further divided by sqrt(2 * layers),
+    the ViT's position embeddings at std `position_std`, the connector's dense layer at std 1 (its inputs are
+    unit-norm, ~1/sqrt(width) each) and its output at ~`slot_std` per element.
+
+    The model's own init (std 0.02 everywhere) suits widths of ~1000 and more. At the small preset's widths it
+    shrinks each layer's output ~3x: through the connector's three layers the image slots start ~30x smaller
+    than the text embeddings, and a probe reading the image through them learns ~10x slower
+    (docs/DEFAULT_MODEL.md). Embeddings, layer norms and the latent queries (std 1) keep the model's init.
+    """
+    import torch
+
+    vision_layers = len(model.vision_model.model.encoder.layers)
+    text_layers = len(model.text_model.model.layers)
+    connector = model.image_to_text_projection
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear) or module is model.text_model.lm_head:
+                continue
+            std = module.weight.shape[1] ** -0.5
+            if name.endswith(("out_proj", "fc2")) and not name.startswith("image_to_text_projection"):
+                std /= math.sqrt(2 * (vision_layers if name.startswith("vision_model") else text_layers))
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        embeddings = model.vision_model.model.embeddings
+        patch = embeddings.patch_embedding.weight
+        patch.normal_(0.0, patch[0].numel() ** -0.5)
+        embeddings.position_embedding.weight.normal_(0.0, position_std)
+        connector.dense.weight.normal_(0.0, 1.0)
+        out = connector.x_attn.out_proj.weight
+        out.normal_(0.0, slot_std * out.shape[1] ** -0.5)
+
+
+def center_connector(model: Kosmos2, recipe: Recipe, scenes: int = 64) -> None:
+    """Data-dependent init: shift the connector's biases so that its dense output and its image slots have
+    mean zero over `scenes` training images (drawn from the recipe's seed). What every image shares carries
+    no information and, left in, would be most of each slot."""
+    import torch
+    import torch.nn.functional as F
+
+    from kosmos2.data import synthetic
+    from kosmos2.image import preprocess
+
+    images = [
+        synthetic.render(synthetic.make_scene(synthetic.scene_seed("train", recipe.seed, "init", i)))
+        for i in range(scenes)
+    ]
+    pixels = preprocess(images, size=model.config.vision.image_size)
+    connector = model.image_to_text_projection
+    training = model.training
+    model.eval()  # no dropout
+    with torch.no_grad():
+        features = F.normalize(model.vision_model(pixels), dim=-1)
+        connector.dense.bias.sub_(connector.dense(features).mean((0, 1)))
+        connector.x_attn.out_proj.bias.sub_(connector(features).mean((0, 1)))
+    model.train(training)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -340,6 +415,9 @@ def make_batch(
             ids, image_mask, loss_mask = tokenizer.encode_for_training(
                 sample["prompt"], sample["target"], num_image_tokens=num_image_tokens
             )
+            if recipe.loss_on == "target":  # the answer only, not the prompt (SPEC §3 is loss_on="all")
+                prompt_length = len(tokenizer.encode_prompt(sample["prompt"], True, num_image_tokens)[0])
+                loss_mask = [t >= prompt_length for t in range(len(ids))]
             # next-token targets: position t predicts ids[t + 1] where the loss covers it (SPEC §3)
             targets = [n if learn else -100 for n, learn in zip(ids[1:], loss_mask[1:], strict=True)] + [-100]
             rows.append((ids, image_mask, targets, i, sample["task"]))

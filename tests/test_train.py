@@ -107,10 +107,12 @@ def test_batch_is_a_pure_function_of_seed_and_step(tokenizer):
     assert not torch.equal(a.pixel_values, d.pixel_values)
 
 
-def test_batch_rows_follow_the_prompt_layout_and_the_loss_mask_of_spec_3(tokenizer):
-    r = T.get_recipe("test", scenes_per_step=6, samples_per_scene=3)
+@pytest.mark.parametrize("loss_on", ["all", "target"])
+def test_batch_rows_follow_the_prompt_layout_and_the_loss_mask_of_spec_3(tokenizer, loss_on):
+    r = T.get_recipe("test", scenes_per_step=6, samples_per_scene=3, loss_on=loss_on)
     batch = T.make_batch(r, 0, tokenizer, 28, 64)
     samples = [s for _, group in T.batch_samples(r, 0) for s in group]
+    prompts = {"".join(s["prompt"].split()) for s in samples}
     assert sorted(batch.tasks) == sorted(s["task"] for s in samples) and len(samples) == 18
     assert batch.pixel_values.shape == (6, 3, 28, 28)
     texts = {"".join((s["prompt"] + s["target"]).split()) for s in samples}  # compared without spaces
@@ -126,10 +128,15 @@ def test_batch_rows_follow_the_prompt_layout_and_the_loss_mask_of_spec_3(tokeniz
             )
             assert ids[66] == tokenizer.image_end_id and ids[-1] == tokenizer.eos_id
             assert "".join(tokenizer.decode(ids[67:-1]).split()) in texts
-            # the loss covers every token after the last image slot (</image>, text, </s>), none before:
-            # position t predicts token t + 1, so positions 65 .. n-2 carry targets
-            assert targets[:65] == [-100] * 65
-            assert targets[65:-1] == ids[66:]
+            # "all" (SPEC §3): the loss covers every token after the last image slot (</image>, text, </s>),
+            # none before: position t predicts token t + 1, so positions 65 .. n-2 carry targets.
+            # "target": only the sample's target and </s>, i.e. the tokens after the prompt.
+            first = 65
+            if loss_on == "target":
+                first = next(t for t in range(n) if targets[t] != -100)
+                assert first > 65 and "".join(tokenizer.decode(ids[67 : first + 1]).split()) in prompts
+            assert targets[:first] == [-100] * first
+            assert targets[first:-1] == ids[first + 1 :]
             assert targets[-1] == -100
 
 
@@ -154,6 +161,27 @@ def test_chunked_right_padded_loss_equals_each_row_alone(tokenizer):
                 count += int(keep.sum())
     assert count == batch.loss_tokens
     assert float(loss) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_scaled_init_centres_the_image_slots_and_std_init_is_the_models_own(tokenizer):
+    from kosmos2.data import synthetic
+    from kosmos2.image import preprocess
+
+    r = T.get_recipe("test")
+    assert r.init == "scaled"
+    scaled, plain = T.build_model(r, tokenizer), T.build_model(T.get_recipe("test", init="std"), tokenizer)
+    # the same 64 images center_connector uses: the slots' mean over them is zero, per channel
+    scenes = [synthetic.make_scene(synthetic.scene_seed("train", r.seed, "init", i)) for i in range(64)]
+    pixels = preprocess([synthetic.render(s) for s in scenes], size=scaled.config.vision.image_size)
+    with torch.no_grad():
+        slots = scaled.eval().encode_image(pixels)
+        assert slots.mean((0, 1)).abs().max() < 1e-4 * max(float(slots.pow(2).mean().sqrt()), 1.0)
+        # linear layers at unit gain: std 1/sqrt(fan_in); std init: 0.02
+        q = scaled.text_model.model.layers[0].self_attn.q_proj.weight
+        assert float(q.std()) == pytest.approx(q.shape[1] ** -0.5, rel=0.1)
+        assert float(plain.text_model.model.layers[0].self_attn.q_proj.weight.std()) == pytest.approx(
+            0.02, rel=0.1
+        )
 
 
 def test_location_tokens_start_from_a_row_and_column_code(tokenizer):
