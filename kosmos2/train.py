@@ -498,16 +498,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     mid-write) sees either the previous checkpoint or the new one, never a partial file."""
     import torch
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    from kosmos2.fileio import atomic_write
+
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
