@@ -242,7 +242,12 @@ class Kosmos2Tokenizer:
         return ids + text_ids, image_mask + [False] * len(text_ids)
 
     def encode_for_training(
-        self, prompt: str, target: str = "", with_image: bool = True, num_image_tokens: int = 64
+        self,
+        prompt: str,
+        target: str = "",
+        with_image: bool = True,
+        num_image_tokens: int = 64,
+        learn_prompt: bool = True,
     ) -> tuple[list[int], list[bool], list[bool]]:
         """`<s> <image> [slots] </image> prompt target </s>` for training: (ids, image_mask, loss_mask).
 
@@ -250,14 +255,18 @@ class Kosmos2Tokenizer:
         as generated text does after the prompt at inference. `loss_mask[t]` marks the tokens the model learns
         to predict: every token after the last image slot (`</image>`, prompt, target, `</s>`; SPEC §3), or
         every token after `<s>` without an image. For pre-training-style data put the whole caption in
-        `prompt`.
+        `prompt`. `learn_prompt=False` leaves the prompt out of the loss: only the target and `</s>` are
+        learned (instruction-tuning style).
         """
         ids, image_mask = self.encode_prompt(prompt, with_image, num_image_tokens)
         if not isinstance(target, str):
             raise TypeError(f"encode_for_training(): target must be a str, got {type(target).__name__}")
+        prompt_length = len(ids)
         ids = ids + self.encode(target.strip()) + [self.eos_id]
         image_mask = image_mask + [False] * (len(ids) - len(image_mask))
         first_learned = (max(i for i, m in enumerate(image_mask) if m) if with_image else 0) + 1
+        if not learn_prompt:
+            first_learned = prompt_length
         loss_mask = [t >= first_learned for t in range(len(ids))]
         return ids, image_mask, loss_mask
 

@@ -413,11 +413,11 @@ def make_batch(
     for i, (_, samples) in enumerate(scenes):
         for sample in samples:
             ids, image_mask, loss_mask = tokenizer.encode_for_training(
-                sample["prompt"], sample["target"], num_image_tokens=num_image_tokens
+                sample["prompt"],
+                sample["target"],
+                num_image_tokens=num_image_tokens,
+                learn_prompt=recipe.loss_on == "all",  # SPEC §3; "target": the answer only
             )
-            if recipe.loss_on == "target":  # the answer only, not the prompt (SPEC §3 is loss_on="all")
-                prompt_length = len(tokenizer.encode_prompt(sample["prompt"], True, num_image_tokens)[0])
-                loss_mask = [t >= prompt_length for t in range(len(ids))]
             # next-token targets: position t predicts ids[t + 1] where the loss covers it (SPEC §3)
             targets = [n if learn else -100 for n, learn in zip(ids[1:], loss_mask[1:], strict=True)] + [-100]
             rows.append((ids, image_mask, targets, i, sample["task"]))

@@ -300,6 +300,11 @@ def test_training_sequences(tokenizer: Kosmos2Tokenizer) -> None:
     assert image_mask == [False, False] + [True] * 64 + [False] * (len(ids) - 66)
     # Loss on every token after the last image slot (index 65): </image>, text, </s>.
     assert loss_mask == [False] * 66 + [True] * (len(ids) - 66)
+    # learn_prompt=False: only the target and </s> (the prompt's tokens end at 67 + len(prompt))
+    _, _, target_only = tokenizer.encode_for_training(
+        "<grounding>An image of", " a red dog ", learn_prompt=False
+    )
+    assert target_only == [False] * (67 + len(prompt)) + [True] * (len(target) + 1)
     ids, _, loss_mask = tokenizer.encode_for_training("a red dog", with_image=False)
     assert ids == [0, *target, 2] and loss_mask == [False] + [True] * (len(target) + 1)
 

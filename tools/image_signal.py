@@ -49,24 +49,26 @@ def make_rows(step, args, tasks, weights, tokenizer, Q, size):
         sample = S.build_sample(scene, rng.choices(tasks, weights)[0], rng)
         if sample is None:
             continue
-        ids, image_mask, loss_mask = tokenizer.encode_for_training(
-            sample["prompt"], sample["target"], num_image_tokens=Q
+        # answer_mask: the target and </s>; the SPEC §3 mask is every token after the last image slot
+        ids, image_mask, answer_mask = tokenizer.encode_for_training(
+            sample["prompt"], sample["target"], num_image_tokens=Q, learn_prompt=False
         )
-        prompt_len = len(tokenizer.encode_prompt(sample["prompt"], True, Q)[0])
+        last_slot = max(i for i, m in enumerate(image_mask) if m)
         scenes.append(scene)
-        rows.append((ids, image_mask, loss_mask, prompt_len))
+        rows.append((ids, image_mask, [t > last_slot for t in range(len(ids))], answer_mask))
     T_ = max(len(r[0]) for r in rows)
     input_ids = torch.full((len(rows), T_), 1, dtype=torch.long)
     targets = torch.full((len(rows), T_), -100, dtype=torch.long)
     answer = torch.zeros((len(rows), T_), dtype=torch.bool)
     image = torch.zeros((len(rows), T_), dtype=torch.bool)
-    for r, (ids, image_mask, loss_mask, prompt_len) in enumerate(rows):
+    for r, (ids, image_mask, loss_mask, answer_mask) in enumerate(rows):
         n = len(ids)
         input_ids[r, :n] = torch.tensor(ids)
         image[r, :n] = torch.tensor(image_mask)
+        # position t predicts token t + 1
         learned = [t if m else -100 for t, m in zip(ids[1:], loss_mask[1:], strict=True)]
         targets[r, : n - 1] = torch.tensor(learned)
-        answer[r, prompt_len - 1 : n - 1] = True  # position t predicts token t + 1
+        answer[r, : n - 1] = torch.tensor(answer_mask[1:])
     pixels = preprocess([S.render(s) for s in scenes], size=size)
     return pixels, input_ids, targets, answer, image
 
