@@ -78,6 +78,10 @@ def _default_mixture() -> dict[str, float]:
     }
 
 
+INITS = ("patches", "scaled", "std")
+SLOT_LOSSES = ("objects", "objectness", "none")
+
+
 @dataclass
 class Recipe:
     """Everything that decides a training run: the same recipe gives the same weights.
@@ -104,14 +108,20 @@ class Recipe:
     tokenizer_vocab_size: int = 256  # base BPE vocabulary (fairseq specials + pieces); 1036 tags follow
     tokenizer_corpus_lines: int = 20000
     location_init: bool = True  # start the location tokens from a 2-D sinusoidal code (see init_locations)
+    # "patches": "scaled" plus a connector whose latent i starts attending to image patch i (init_patches);
     # "scaled": unit-gain layers and a centred connector (init_scaled, center_connector); "std": the model's
     # own init (std 0.02 everywhere)
-    init: str = "scaled"
+    init: str = "patches"
     # "all": the loss covers every token after the image slots (SPEC §3); "target": only the sample's target
     # (what follows the prompt) and </s>, as in instruction tuning. With "all" the prompt text, which does not
     # depend on the image, is learned first and teaches the decoder to flatten the image slots
     # (docs/DEFAULT_MODEL.md).
     loss_on: str = "target"
+    # auxiliary loss on the image slots, training only (SlotHead; dropped at export): "objects" reads from
+    # each slot whether an object covers its patch, and that object's colour, shape, size and box;
+    # "objectness" only the first; "none" trains on the language-model loss alone
+    slot_loss: str = "objects"
+    slot_loss_weight: float = 1.0
     checkpoint_every: int = 100
     log_every: int = 10
     export_dtype: str = "bfloat16"  # dtype of the exported model/ weights
@@ -137,8 +147,13 @@ class Recipe:
             )
         if self.warmup_steps < 0 or self.grad_clip <= 0 or self.weight_decay < 0:
             raise ValueError("recipe warmup_steps and weight_decay must be >= 0 and grad_clip > 0")
-        if self.init not in ("scaled", "std"):
-            raise ValueError(f"recipe init {self.init!r}: use 'scaled' or 'std'")
+        if self.init not in INITS:
+            raise ValueError(f"recipe init {self.init!r}: use one of {', '.join(INITS)}")
+        if self.slot_loss not in SLOT_LOSSES or not self.slot_loss_weight >= 0:
+            raise ValueError(
+                f"recipe slot_loss {self.slot_loss!r} (weight {self.slot_loss_weight}): use one of "
+                f"{', '.join(SLOT_LOSSES)} with a weight >= 0"
+            )
         if self.loss_on not in ("target", "all"):
             raise ValueError(f"recipe loss_on {self.loss_on!r}: use 'target' or 'all'")
         if self.export_dtype not in ("float32", "bfloat16", "float16"):
@@ -217,13 +232,35 @@ def model_config(recipe: Recipe, tokenizer: Kosmos2Tokenizer):
     return dataclasses.replace(config, text=text)
 
 
+def grid_code(grid: int, width: int) -> torch.Tensor:
+    """A 2-D sinusoidal code of the cells of a `grid` × `grid` board, [grid², width], cells in row-major
+    order: the first half of the width codes the row, the second half the column, as sines and cosines at
+    geometric periods from 2 to 2·grid cells. Neighbouring cells get similar codes. Unit-scale (±1)."""
+    import torch
+
+    quarter = width // 4
+    cells = torch.arange(grid * grid)
+    rows, cols = (cells // grid).float(), (cells % grid).float()
+    periods = 2.0 * grid ** (torch.arange(quarter).float() / max(quarter - 1, 1))
+    freqs = 2 * math.pi / periods  # [quarter]
+
+    def code(x: torch.Tensor) -> torch.Tensor:  # [cells] -> [cells, 2*quarter]
+        angles = x[:, None] * freqs[None, :]
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+    table = torch.zeros(grid * grid, width)
+    table[:, : 2 * quarter] = code(rows)
+    table[:, 2 * quarter : 4 * quarter] = code(cols)
+    return table
+
+
 def init_locations(model: Kosmos2, tokenizer: Kosmos2Tokenizer) -> None:
-    """Give the 1024 location tokens a 2-D sinusoidal embedding: the first half of the width codes the row,
-    the second half the column, at geometric frequencies (periods 2 to 64 cells).
+    """Give the 1024 location tokens the 2-D sinusoidal code of their cell (`grid_code`, periods 2 to 64
+    cells), scaled to the std of the other embeddings (0.02).
 
     Neighbouring cells start with similar embeddings, and since the output head is the embedding, a logit
     starts as a sum of a row score and a column score: the model can learn where a corner is along each axis
-    instead of learning 1024 unrelated classes. Scaled to the std of the other embeddings (0.02).
+    instead of learning 1024 unrelated classes.
     """
     import torch
 
@@ -231,20 +268,8 @@ def init_locations(model: Kosmos2, tokenizer: Kosmos2Tokenizer) -> None:
 
     embedding = model.text_model.model.embed_tokens.weight  # [V, C]
     C = embedding.shape[1]
-    quarter = C // 4
-    cells = torch.arange(GRID * GRID)
-    rows, cols = (cells // GRID).float(), (cells % GRID).float()  # [1024]
-    periods = 2.0 * 32.0 ** (torch.arange(quarter).float() / max(quarter - 1, 1))  # 2 … 64 cells
-    freqs = 2 * math.pi / periods  # [quarter]
-
-    def code(x: torch.Tensor) -> torch.Tensor:  # [1024] -> [1024, 2*quarter]
-        angles = x[:, None] * freqs[None, :]
-        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
-
-    table = torch.zeros(GRID * GRID, C)
-    table[:, : 2 * quarter] = code(rows)
-    table[:, 2 * quarter : 4 * quarter] = code(cols)
-    table *= 0.02 / table[:, : 4 * quarter].std()
+    table = grid_code(GRID, C)
+    table *= 0.02 / table[:, : 4 * (C // 4)].std()
     start = tokenizer.patch_index_offset
     with torch.no_grad():
         embedding[start : start + GRID * GRID] = table.to(embedding.dtype)
@@ -258,8 +283,10 @@ def build_model(recipe: Recipe, tokenizer: Kosmos2Tokenizer) -> Kosmos2:
 
     torch.manual_seed(recipe.seed)
     model = Kosmos2(model_config(recipe, tokenizer))
-    if recipe.init == "scaled":
+    if recipe.init in ("scaled", "patches"):
         init_scaled(model)
+        if recipe.init == "patches":
+            init_patches(model)
         center_connector(model, recipe)
     if recipe.location_init:
         init_locations(model, tokenizer)
@@ -299,6 +326,162 @@ def init_scaled(model: Kosmos2, slot_std: float = 0.1, position_std: float = 0.5
         connector.dense.weight.normal_(0.0, 1.0)
         out = connector.x_attn.out_proj.weight
         out.normal_(0.0, slot_std * out.shape[1] ** -0.5)
+
+
+def patch_grid(model_config) -> int:
+    """Patches per side of the vision encoder's input."""
+    return model_config.vision.image_size // model_config.vision.patch_size
+
+
+def slot_patches(num_slots: int, num_patches: int) -> list[int]:
+    """The image patch (row-major index) that image slot i starts looking at under `init_patches`: slots
+    spread evenly over the patches (slot i <-> patch i when there are as many slots as patches)."""
+    return [min(num_patches - 1, round((i + 0.5) * num_patches / num_slots - 0.5)) for i in range(num_slots)]
+
+
+def init_patches(model: Kosmos2, sharpness: float = 12.0, slot_std: float = 0.1) -> None:
+    """Start each image slot as a view of one image patch (after `init_scaled`).
+
+    The ViT's patch position embeddings become a 2-D sinusoidal code (`grid_code`) at twice the scale of a
+    patch embedding, so each patch's features say where it is. The connector's query projection becomes the
+    identity and latent i a scaled copy of the key that patch `slot_patches(…)[i]`'s position alone produces,
+    so that at initialisation slot i attends mostly to that patch (attention logit `sharpness` on it), and
+    the slots come out in raster order. Key, value and dense layers at unit gain; the output projection at
+    ~`slot_std` per element.
+
+    Why (docs/DEFAULT_MODEL.md): the decoder learns to point at once when the slots say which patches hold an
+    object; sixteen slots that each pool the whole image never gave it that within an hour of training.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    embeddings = model.vision_model.model.embeddings
+    grid = patch_grid(model.config)
+    connector = model.image_to_text_projection
+    attn = connector.x_attn
+    Q, C = connector.latent_query.shape
+    with torch.no_grad():
+        position = embeddings.position_embedding.weight  # [1 + grid², Cv]; row 0 is the class token's
+        code = grid_code(grid, position.shape[1])
+        patch = embeddings.patch_embedding.weight
+        patch_scale = float(patch.std()) * patch[0].numel() ** 0.5  # std of a patch embedding
+        position[1:] = code * (2 * patch_scale / float(code.std()))
+        connector.dense.weight.normal_(0.0, 1.0)
+        connector.dense.bias.zero_()
+        for layer in (attn.k_proj, attn.v_proj):
+            layer.weight.normal_(0.0, layer.weight.shape[1] ** -0.5)
+            layer.bias.zero_()
+        attn.q_proj.weight.copy_(torch.eye(C))
+        attn.q_proj.bias.zero_()
+        # the key of each patch position alone, as the ViT's final LayerNorm and the L2 norm would pass it
+        features = F.normalize(F.layer_norm(position[1:], (position.shape[1],)), dim=-1)
+        keys = attn.k_proj(connector.dense(features))  # [grid², C]
+        heads, head_dim = attn.heads, C // attn.heads
+        chosen = keys[slot_patches(Q, grid * grid)].view(Q, heads, head_dim)
+        # q·k / sqrt(head_dim) = sharpness on the chosen patch, in every head
+        chosen = chosen * (sharpness * head_dim**0.5 / chosen.pow(2).sum(-1, keepdim=True))
+        connector.latent_query.copy_(chosen.reshape(Q, C))
+        attn.out_proj.weight.normal_(0.0, slot_std * C**-0.5)
+        attn.out_proj.bias.zero_()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The auxiliary slot loss (training only)
+
+
+SLOT_BOX_TERMS = 4  # x1, y1, x2, y2 of the covering object, relative to the patch centre, in patches
+
+
+def slot_head_outputs(slot_loss: str) -> int:
+    """Read-out width: 1 objectness logit, then (for "objects") colour, shape, size logits and the box."""
+    from kosmos2.data import synthetic
+
+    if slot_loss == "objectness":
+        return 1
+    return 1 + len(synthetic.COLOURS) + len(synthetic.SHAPES) + len(synthetic.SIZES) + SLOT_BOX_TERMS
+
+
+def build_slot_head(recipe: Recipe, model: Kosmos2) -> torch.nn.Linear | None:
+    """The linear read-out of the auxiliary slot loss (None when the recipe has none). It lives only in
+    training checkpoints: the exported model is the plain Kosmos-2 network."""
+    import torch
+
+    if recipe.slot_loss == "none" or recipe.slot_loss_weight == 0:
+        return None
+    return torch.nn.Linear(model.config.text.width, slot_head_outputs(recipe.slot_loss))
+
+
+@dataclass
+class SlotTargets:
+    """What the slot read-out should say, per scene and slot [S, Q]: cover (1.0 when an object's box
+    overlaps the slot's patch), colour / shape / size class of the object covering most of the patch (-100
+    where none does), box [S, Q, 4] of that object relative to the patch centre, in patches."""
+
+    cover: torch.Tensor
+    colour: torch.Tensor
+    shape: torch.Tensor
+    size: torch.Tensor
+    box: torch.Tensor
+
+
+def slot_targets(scenes: Sequence[Any], grid: int, num_slots: int) -> SlotTargets:
+    """Targets of the slot loss from the scenes' true boxes. The model sees each scene resized to a square
+    (no crop), so a normalised box maps straight onto the `grid` × `grid` patches."""
+    import torch
+
+    from kosmos2.data import synthetic
+
+    colours, shapes = list(synthetic.COLOURS), list(synthetic.SHAPES)
+    patches = slot_patches(num_slots, grid * grid)
+    S = len(scenes)
+    cover = torch.zeros(S, num_slots)
+    classes = torch.full((3, S, num_slots), -100, dtype=torch.long)
+    box = torch.zeros(S, num_slots, SLOT_BOX_TERMS)
+    for s, scene in enumerate(scenes):
+        for q, patch in enumerate(patches):
+            r, c = divmod(patch, grid)
+            px1, py1, px2, py2 = c / grid, r / grid, (c + 1) / grid, (r + 1) / grid
+            best, best_area = None, 0.0
+            for o in scene.objects:  # later objects are drawn on top: ties go to them
+                x1, y1, x2, y2 = o.norm_box
+                area = max(0.0, min(x2, px2) - max(x1, px1)) * max(0.0, min(y2, py2) - max(y1, py1))
+                if area > 0 and area >= best_area:
+                    best, best_area = o, area
+            if best is None:
+                continue
+            cover[s, q] = 1.0
+            classes[0, s, q] = colours.index(best.colour)
+            classes[1, s, q] = shapes.index(best.shape)
+            classes[2, s, q] = synthetic.SIZES.index(best.size)
+            cx, cy = (c + 0.5) / grid, (r + 0.5) / grid
+            x1, y1, x2, y2 = best.norm_box
+            box[s, q] = torch.tensor([x1 - cx, y1 - cy, x2 - cx, y2 - cy]) * grid
+    return SlotTargets(cover, classes[0], classes[1], classes[2], box)
+
+
+def slot_loss(head: torch.nn.Linear, slots: torch.Tensor, targets: SlotTargets) -> torch.Tensor:
+    """Objectness binary cross-entropy over all slots; with the "objects" read-out also the mean of the
+    colour, shape and size cross-entropies and the box L1 (in patches) over the covered slots."""
+    import torch.nn.functional as F
+
+    from kosmos2.data import synthetic
+
+    out = head(slots.float())  # [S, Q, K]
+    loss = F.binary_cross_entropy_with_logits(out[..., 0], targets.cover)
+    if out.shape[-1] == 1:
+        return loss
+    covered = targets.cover.bool()
+    if not covered.any():
+        return loss
+    k = 1
+    for n, labels in (
+        (len(synthetic.COLOURS), targets.colour),
+        (len(synthetic.SHAPES), targets.shape),
+        (len(synthetic.SIZES), targets.size),
+    ):
+        loss = loss + F.cross_entropy(out[..., k : k + n][covered], labels[covered])
+        k += n
+    return loss + F.l1_loss(out[..., k : k + SLOT_BOX_TERMS][covered], targets.box[covered])
 
 
 def center_connector(model: Kosmos2, recipe: Recipe, scenes: int = 64) -> None:
@@ -354,6 +537,8 @@ class Batch:
     pixel_values: torch.Tensor
     chunks: list[Chunk]
     tasks: list[str]
+    location_start: int  # the first location token's id: targets >= it are location tokens
+    slots: SlotTargets | None = None  # targets of the auxiliary slot loss, when asked for
 
     @property
     def loss_tokens(self) -> int:
@@ -391,12 +576,18 @@ def batch_samples(recipe: Recipe, step: int) -> list[tuple[Any, list[dict[str, A
 
 
 def make_batch(
-    recipe: Recipe, step: int, tokenizer: Kosmos2Tokenizer, image_size: int, num_image_tokens: int
+    recipe: Recipe,
+    step: int,
+    tokenizer: Kosmos2Tokenizer,
+    image_size: int,
+    num_image_tokens: int,
+    grid: int | None = None,
 ) -> Batch:
     """Render, preprocess and tokenise the samples of `step` (see `batch_samples`).
 
     Scenes are rendered at their native size and resized by `kosmos2.image.preprocess`, exactly as an image
-    reaches the model at inference. Each row is `tokenizer.encode_for_training(prompt, target)`.
+    reaches the model at inference. Each row is `tokenizer.encode_for_training(prompt, target)`. With `grid`
+    (patches per side) the batch also carries the targets of the auxiliary slot loss (`slot_targets`).
     """
     import torch
 
@@ -435,42 +626,82 @@ def make_batch(
             image_mask[r, : len(ids)] = torch.tensor(mask)
         index = torch.tensor([r[3] for r in part], dtype=torch.long)
         chunks.append(Chunk(input_ids, targets, image_mask, index))
-    return Batch(pixel_values=pixels, chunks=chunks, tasks=[r[4] for r in rows])
+    slots = None
+    if grid is not None:
+        slots = slot_targets([scene for scene, _ in scenes], grid, num_image_tokens)
+    return Batch(
+        pixel_values=pixels,
+        chunks=chunks,
+        tasks=[r[4] for r in rows],
+        location_start=tokenizer.patch_index_offset,
+        slots=slots,
+    )
 
 
-def compute_loss(model: Kosmos2, batch: Batch, bf16: bool = False) -> torch.Tensor:
-    """Mean cross-entropy over all target tokens of the batch (SPEC §3: everything after the image slots).
+def compute_losses(
+    model: Kosmos2,
+    batch: Batch,
+    bf16: bool = False,
+    head: torch.nn.Linear | None = None,
+    slot_weight: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """The losses of one batch: "lm", the mean cross-entropy over all target tokens of the batch;
+    "location", the same over its location tokens only (a diagnostic; chance is ln 1024 = 6.93); with a slot
+    read-out `head` and `batch.slots`, "slots", the auxiliary slot loss (`slot_loss`); "loss", what training
+    minimises: lm + slot_weight * slots.
 
-    The image encoder runs once per scene; each chunk's rows take their scene's embeddings. The chunks'
-    mean losses are weighted by their token counts, which gives the mean over the whole batch.
+    The image encoder runs once per scene; each chunk's rows take their scene's embeddings.
     """
     import torch
+    import torch.nn.functional as F
 
-    total = batch.loss_tokens
-    loss = torch.zeros(())
+    lm = torch.zeros(())
+    location = torch.zeros(())
+    location_count = 0
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         embeds = model.encode_image(batch.pixel_values)  # [S, Q, C]
         for chunk in batch.chunks:
-            _, chunk_loss = model(
+            logits, _ = model(
                 chunk.input_ids,
                 image_embeds=embeds[chunk.image_index],  # [R, Q, C]: a scene's rows share its embeddings
                 image_mask=chunk.image_mask,
-                targets=chunk.targets,
             )
-            loss = loss + chunk_loss * (int((chunk.targets != -100).sum()) / total)
-    return loss
+            targets = chunk.targets.flatten()
+            ce = F.cross_entropy(logits.float().flatten(0, 1), targets, ignore_index=-100, reduction="none")
+            lm = lm + ce.sum()
+            is_location = targets >= batch.location_start
+            location = location + ce[is_location].detach().sum()
+            location_count += int(is_location.sum())
+    losses = {"lm": lm / max(batch.loss_tokens, 1)}
+    losses["location"] = location / max(location_count, 1)
+    losses["loss"] = losses["lm"]
+    if head is not None and batch.slots is not None:
+        losses["slots"] = slot_loss(head, embeds, batch.slots)
+        losses["loss"] = losses["lm"] + slot_weight * losses["slots"]
+    return losses
+
+
+def compute_loss(model: Kosmos2, batch: Batch, bf16: bool = False) -> torch.Tensor:
+    """Mean cross-entropy over all target tokens of the batch (the language-model loss of `compute_losses`)."""
+    return compute_losses(model, batch, bf16)["lm"]
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Optimizer and schedule
 
 
-def make_optimizer(model: Kosmos2, recipe: Recipe) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (linear, embedding, latent queries), none on biases and norms."""
+def make_optimizer(
+    model: Kosmos2, recipe: Recipe, head: torch.nn.Module | None = None
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (linear, embedding, latent queries), none on biases and norms;
+    over the model's parameters and those of the slot read-out `head`, if any."""
+    import itertools
+
     import torch
 
     decay, no_decay = [], []
-    for p in model.parameters():
+    extra = head.parameters() if head is not None else ()
+    for p in itertools.chain(model.parameters(), extra):
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": recipe.weight_decay},
@@ -618,13 +849,16 @@ def train(
     else:
         tokenizer = build_tokenizer(recipe, tokenizer_dir)
     model = build_model(recipe, tokenizer)
-    optimizer = make_optimizer(model, recipe)
+    head = build_slot_head(recipe, model)
+    optimizer = make_optimizer(model, recipe, head)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, recipe))
 
     step, elapsed, tokens_seen = 0, 0.0, 0
     if checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
         model.load_state_dict(state["model"])
+        if head is not None:
+            head.load_state_dict(state["slot_head"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
@@ -636,13 +870,15 @@ def train(
     image_size, num_image_tokens = config.vision.image_size, config.latent_query_num
     end = recipe.steps if stop_after is None else min(recipe.steps, stop_after)
     bar = Progress(recipe.steps, step, progress_stream) if progress and step < end else None
-    params = [p for p in model.parameters()]
+    params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
+    grid = patch_grid(config) if head is not None else None
     model.train()
     with open(out / LOG_FILE, "a", encoding="utf-8") as log:
         while step < end:
             t0 = time.monotonic()
-            batch = make_batch(recipe, step, tokenizer, image_size, num_image_tokens)
-            loss = compute_loss(model, batch, recipe.bf16)
+            batch = make_batch(recipe, step, tokenizer, image_size, num_image_tokens, grid)
+            losses = compute_losses(model, batch, recipe.bf16, head, recipe.slot_loss_weight)
+            loss = losses["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip))
@@ -661,6 +897,7 @@ def train(
                 record = {
                     "step": step,
                     "loss": round(loss_value, 5),
+                    **{f"loss_{k}": round(float(v.detach()), 5) for k, v in losses.items() if k != "loss"},
                     "lr": lr,
                     "grad_norm": round(grad_norm, 4),
                     "rows": len(batch.tasks),
@@ -680,6 +917,7 @@ def train(
                     "tokens": tokens_seen,
                     "recipe": recipe.to_dict(),
                     "model": model.state_dict(),
+                    "slot_head": head.state_dict() if head is not None else None,
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "rng": _rng_state(),

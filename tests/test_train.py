@@ -168,7 +168,7 @@ def test_scaled_init_centres_the_image_slots_and_std_init_is_the_models_own(toke
     from kosmos2.image import preprocess
 
     r = T.get_recipe("test")
-    assert r.init == "scaled"
+    assert r.init == "patches"  # "scaled" plus the patch-aligned connector; centred the same way
     scaled, plain = T.build_model(r, tokenizer), T.build_model(T.get_recipe("test", init="std"), tokenizer)
     # the same 64 images center_connector uses: the slots' mean over them is zero, per channel
     scenes = [synthetic.make_scene(synthetic.scene_seed("train", r.seed, "init", i)) for i in range(64)]
@@ -198,6 +198,101 @@ def test_location_tokens_start_from_a_row_and_column_code(tokenizer):
     # neighbours are closer than far cells
     assert (loc[0] - loc[1]).norm() < (loc[0] - loc[16]).norm()
     assert loc.std() == pytest.approx(0.02, rel=0.2)
+
+
+def test_slots_spread_evenly_over_the_patches():
+    assert T.slot_patches(4, 4) == [0, 1, 2, 3]
+    assert T.slot_patches(8, 4) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert T.slot_patches(64, 64) == list(range(64))
+
+
+def test_patch_init_makes_slot_i_look_at_patch_i():
+    """On the small preset, from real rendered scenes: each latent's attention peaks on its own patch."""
+    from kosmos2.config import Kosmos2Config
+    from kosmos2.image import preprocess
+    from kosmos2.model import Kosmos2
+
+    torch.manual_seed(0)
+    model = Kosmos2(Kosmos2Config.from_preset("small")).eval()
+    T.init_scaled(model)
+    T.init_patches(model)
+    scenes = [synthetic.make_scene(synthetic.scene_seed("train", 5, "patches", i)) for i in range(4)]
+    pixels = preprocess([synthetic.render(s) for s in scenes], size=64)
+    connector = model.image_to_text_projection
+    attn = connector.x_attn
+    with torch.no_grad():
+        x = connector.dense(F.normalize(model.vision_model(pixels), dim=-1))  # [4, 65, C]
+        keys = attn.k_proj(x).view(4, 65, attn.heads, -1)  # image tokens only (class token first)
+        queries = attn.q_proj(connector.latent_query).view(64, attn.heads, -1)
+        scores = torch.einsum("qhd,bkhd->bhqk", queries, keys)
+    peak = scores.argmax(-1)  # [4, heads, 64]: the token each latent attends to most, per head
+    assert (peak == torch.arange(1, 65)).float().mean() > 0.9
+
+
+def _scene_of(*objects):
+    """A stand-in scene holding world objects: slot_targets reads only `.objects`."""
+    made = []
+    for shape, colour, size, box in objects:
+        made.append(synthetic.SceneObject(shape, colour, size, (0, 0, 0), box, box))
+    return synthetic.Scene(0, "train", 1, 1, None, tuple(made))
+
+
+def test_slot_targets_by_hand():
+    # a 4 x 4 patch grid (quarters); the object spans x 0.3-0.6, y 0-0.2: patches (row 0, columns 1 and 2)
+    targets = T.slot_targets([_scene_of(("star", "green", "small", (0.3, 0.0, 0.6, 0.2)))], grid=4, num_slots=16)
+    assert targets.cover[0].nonzero().flatten().tolist() == [1, 2]
+    assert targets.colour[0, 1] == list(synthetic.COLOURS).index("green")
+    assert targets.shape[0, 2] == synthetic.SHAPES.index("star")
+    assert targets.size[0, 1] == synthetic.SIZES.index("small")
+    assert (targets.colour[0, [0, 3, 4, 15]] == -100).all()
+    # the box relative to patch 1's centre (0.375, 0.125), in patches of 0.25
+    assert targets.box[0, 1].tolist() == pytest.approx([-0.3, -0.5, 0.9, 0.3])
+    assert targets.box[0, 2].tolist() == pytest.approx([-1.3, -0.5, -0.1, 0.3])
+    # two objects on one patch: the one covering more of it is the patch's object
+    both = T.slot_targets(
+        [_scene_of(("circle", "red", "large", (0.0, 0.0, 0.4, 0.4)), ("cross", "blue", "small", (0.2, 0.2, 0.3, 0.3)))],
+        grid=2,
+        num_slots=4,
+    )
+    assert both.cover[0].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert both.shape[0, 0] == synthetic.SHAPES.index("circle")
+
+
+@torch.no_grad()
+def test_slot_loss_reads_objectness_then_attributes_and_box():
+    targets = T.slot_targets([_scene_of(("star", "green", "small", (0.3, 0.0, 0.6, 0.2)))], grid=4, num_slots=16)
+    head = torch.nn.Linear(8, T.slot_head_outputs("objects"))
+    slots = torch.randn(1, 16, 8)
+    out = head(slots)
+    covered = targets.cover.bool()
+    k = 1 + len(synthetic.COLOURS)
+    expected = (
+        F.binary_cross_entropy_with_logits(out[..., 0], targets.cover)
+        + F.cross_entropy(out[..., 1:k][covered], targets.colour[covered])
+        + F.cross_entropy(out[..., k : k + 6][covered], targets.shape[covered])
+        + F.cross_entropy(out[..., k + 6 : k + 8][covered], targets.size[covered])
+        + (out[..., k + 8 :][covered] - targets.box[covered]).abs().mean()
+    )
+    assert float(T.slot_loss(head, slots, targets)) == pytest.approx(float(expected), rel=1e-6)
+    objectness = torch.nn.Linear(8, T.slot_head_outputs("objectness"))
+    assert float(T.slot_loss(objectness, slots, targets)) == pytest.approx(
+        float(F.binary_cross_entropy_with_logits(objectness(slots)[..., 0], targets.cover)), rel=1e-6
+    )
+
+
+def test_the_slot_head_trains_but_is_not_exported(finished_run):
+    state = T.load_checkpoint(finished_run / T.CHECKPOINT_FILE)
+    assert state["slot_head"]["weight"].shape == (T.slot_head_outputs("objects"), 64)
+    log = [json.loads(line) for line in (finished_run / T.LOG_FILE).read_text().splitlines()]
+    assert {"loss_lm", "loss_location", "loss_slots"} <= set(log[0])
+    assert log[0]["loss"] == pytest.approx(log[0]["loss_lm"] + log[0]["loss_slots"], abs=1e-4)
+    from safetensors import safe_open
+
+    with safe_open(str(finished_run / T.MODEL_DIR / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    # the exported weights are the model's own (the tied output head is stored once, as the embedding)
+    assert names == set(state["model"]) - {"text_model.lm_head.weight"}
+    assert not any("slot" in n for n in names)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -255,6 +350,9 @@ def test_killed_run_resumes_to_the_same_weights(finished_run, tmp_path):
     a = T.load_checkpoint(out / T.CHECKPOINT_FILE)["optimizer"]["state"]
     b = T.load_checkpoint(finished_run / T.CHECKPOINT_FILE)["optimizer"]["state"]
     assert all(torch.equal(a[k]["exp_avg_sq"], b[k]["exp_avg_sq"]) for k in a)
+    head_a = T.load_checkpoint(out / T.CHECKPOINT_FILE)["slot_head"]
+    head_b = T.load_checkpoint(finished_run / T.CHECKPOINT_FILE)["slot_head"]
+    assert head_a.keys() == head_b.keys() and all(torch.equal(head_a[k], head_b[k]) for k in head_a)
     assert (out / T.MODEL_DIR / "model.safetensors").read_bytes() == (
         finished_run / T.MODEL_DIR / "model.safetensors"
     ).read_bytes()
