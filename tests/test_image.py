@@ -574,3 +574,24 @@ def test_example_scene_is_committed_small_and_reproducible():
     x1, y1, x2, y2 = boxes["blue box"]
     r, g, b = committed.getpixel((int(x1 + 20), int(y2 - 20)))
     assert b > 150 and r < 80  # the box's front face is blue
+
+
+def test_shapes_example_is_committed_and_reproducible():
+    """examples/shapes.png (the README's main example) is the scene examples/make_shapes.py picks and renders."""
+    spec = importlib.util.spec_from_file_location("make_shapes", EXAMPLES / "make_shapes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = EXAMPLES / "shapes.png"
+    assert path.stat().st_size < 150_000
+    committed = load_image(path)
+    scene = module.example_scene()
+    assert committed.size == (scene.width, scene.height)
+    assert len(scene.objects) == 3 and len({o.colour for o in scene.objects}) == 3
+    from kosmos2.data.synthetic import render
+
+    regenerated = np.asarray(render(scene), dtype=np.int16)
+    assert np.abs(regenerated - np.asarray(committed, dtype=np.int16)).mean() < 0.5
+    for o in scene.objects:  # each object's centre has its colour's hue: the fill, not the background
+        x1, y1, x2, y2 = o.box
+        pixel = committed.getpixel((int((x1 + x2) / 2), int((y1 + y2) / 2)))
+        assert max(abs(a - b) for a, b in zip(pixel, o.rgb, strict=True)) < 40
