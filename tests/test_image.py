@@ -577,7 +577,7 @@ def test_example_scene_is_committed_small_and_reproducible():
 
 
 def test_shapes_example_is_committed_and_reproducible():
-    """examples/shapes.png (the README's main example) is the scene examples/make_shapes.py picks and renders."""
+    """examples/shapes.png, the README's main example, is the scene examples/make_shapes.py picks."""
     spec = importlib.util.spec_from_file_location("make_shapes", EXAMPLES / "make_shapes.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

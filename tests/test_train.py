@@ -239,7 +239,8 @@ def _scene_of(*objects):
 
 def test_slot_targets_by_hand():
     # a 4 x 4 patch grid (quarters); the object spans x 0.3-0.6, y 0-0.2: patches (row 0, columns 1 and 2)
-    targets = T.slot_targets([_scene_of(("star", "green", "small", (0.3, 0.0, 0.6, 0.2)))], grid=4, num_slots=16)
+    star = _scene_of(("star", "green", "small", (0.3, 0.0, 0.6, 0.2)))
+    targets = T.slot_targets([star], grid=4, num_slots=16)
     assert targets.cover[0].nonzero().flatten().tolist() == [1, 2]
     assert targets.colour[0, 1] == list(synthetic.COLOURS).index("green")
     assert targets.shape[0, 2] == synthetic.SHAPES.index("star")
@@ -250,7 +251,12 @@ def test_slot_targets_by_hand():
     assert targets.box[0, 2].tolist() == pytest.approx([-1.3, -0.5, -0.1, 0.3])
     # two objects on one patch: the one covering more of it is the patch's object
     both = T.slot_targets(
-        [_scene_of(("circle", "red", "large", (0.0, 0.0, 0.4, 0.4)), ("cross", "blue", "small", (0.2, 0.2, 0.3, 0.3)))],
+        [
+            _scene_of(
+                ("circle", "red", "large", (0.0, 0.0, 0.4, 0.4)),
+                ("cross", "blue", "small", (0.2, 0.2, 0.3, 0.3)),
+            )
+        ],
         grid=2,
         num_slots=4,
     )
@@ -260,7 +266,8 @@ def test_slot_targets_by_hand():
 
 @torch.no_grad()
 def test_slot_loss_reads_objectness_then_attributes_and_box():
-    targets = T.slot_targets([_scene_of(("star", "green", "small", (0.3, 0.0, 0.6, 0.2)))], grid=4, num_slots=16)
+    star = _scene_of(("star", "green", "small", (0.3, 0.0, 0.6, 0.2)))
+    targets = T.slot_targets([star], grid=4, num_slots=16)
     head = torch.nn.Linear(8, T.slot_head_outputs("objects"))
     slots = torch.randn(1, 16, 8)
     out = head(slots)
