@@ -120,7 +120,7 @@ class Recipe:
     # depend on the image, is learned first and teaches the decoder to flatten the image slots
     # (docs/DEFAULT_MODEL.md).
     loss_on: str = "target"
-    # auxiliary loss on the image slots, training only (SlotHead; dropped at export): "objects" reads from
+    # auxiliary loss on the image slots, training only (build_slot_head; not exported): "objects" reads from
     # each slot whether an object covers its patch, and that object's colour, shape, size and box;
     # "objectness" only the first; "none" trains on the language-model loss alone
     slot_loss: str = "objects"

@@ -78,6 +78,10 @@ def test_recipes_validate_and_reject_bad_fields():
         T.get_recipe("test", steps=0)
     with pytest.raises(ValueError, match="mixture"):
         T.get_recipe("test", mixture={"juggling": 1.0})
+    with pytest.raises(ValueError, match="recipe slot_loss 'boxes'.*objects, objectness, none"):
+        T.get_recipe("test", slot_loss="boxes")
+    with pytest.raises(ValueError, match="recipe init 'xavier': use one of patches, scaled, std"):
+        T.get_recipe("test", init="xavier")
     r = T.get_recipe("test", lr=5e-4)
     assert T.Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
 
