@@ -120,6 +120,11 @@ class Recipe:
     # depend on the image, is learned first and teaches the decoder to flatten the image slots
     # (docs/DEFAULT_MODEL.md).
     loss_on: str = "target"
+    # run each scene's image prefix (<s><image> slots </image>) once and let all its samples attend to it: one
+    # row per scene, each sample a segment with its own positions and a block mask (pack_scene). The same
+    # loss as one row per sample for ~half the decoder tokens; needs loss_on="target" (the prefix's last
+    # position would otherwise predict a different first prompt token for each sample)
+    share_prefix: bool = False
     # auxiliary loss on the image slots, training only (build_slot_head; not exported): "objects" reads from
     # each slot whether an object covers its patch, and that object's colour, shape, size and box;
     # "objectness" only the first; "none" trains on the language-model loss alone
@@ -159,6 +164,8 @@ class Recipe:
             )
         if self.loss_on not in ("target", "all"):
             raise ValueError(f"recipe loss_on {self.loss_on!r}: use 'target' or 'all'")
+        if self.share_prefix and self.loss_on != "target":
+            raise ValueError("recipe share_prefix needs loss_on='target' (SPEC §3's mask learns the prompt)")
         if self.export_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"recipe export_dtype {self.export_dtype!r}: use float32, bfloat16 or float16")
         return self
@@ -526,6 +533,10 @@ class Chunk:
     targets: torch.Tensor
     image_mask: torch.Tensor
     image_index: torch.Tensor
+    # packed rows (Recipe.share_prefix): decoder positions [R,T] and segments [R,T] (0 = the image prefix,
+    # k = the k-th sample, -1 = padding); None = one sample a row
+    positions: torch.Tensor | None = None
+    segments: torch.Tensor | None = None
 
 
 @dataclass
@@ -614,7 +625,9 @@ def make_batch(
             )
             # next-token targets: position t predicts ids[t + 1] where the loss covers it (SPEC §3)
             targets = [n if learn else -100 for n, learn in zip(ids[1:], loss_mask[1:], strict=True)] + [-100]
-            rows.append((ids, image_mask, targets, i, sample["task"]))
+            rows.append((ids, image_mask, targets, i, sample["task"], None, None))
+    if recipe.share_prefix:
+        rows = pack_scenes(rows)
     rows.sort(key=lambda r: len(r[0]))  # stable: equal lengths keep their order
     chunks = []
     for start in range(0, len(rows), CHUNK_ROWS):
@@ -623,12 +636,18 @@ def make_batch(
         input_ids = torch.full((len(part), T), PAD_ID, dtype=torch.long)
         targets = torch.full((len(part), T), -100, dtype=torch.long)
         image_mask = torch.zeros((len(part), T), dtype=torch.bool)
-        for r, (ids, mask, tgt, _, _) in enumerate(part):
+        packed = part[0][5] is not None
+        positions = torch.ones((len(part), T), dtype=torch.long) if packed else None
+        segments = torch.full((len(part), T), -1, dtype=torch.long) if packed else None
+        for r, (ids, mask, tgt, _, _, pos, seg) in enumerate(part):
             input_ids[r, : len(ids)] = torch.tensor(ids)
             targets[r, : len(ids)] = torch.tensor(tgt)
             image_mask[r, : len(ids)] = torch.tensor(mask)
+            if packed:
+                positions[r, : len(ids)] = torch.tensor(pos)
+                segments[r, : len(ids)] = torch.tensor(seg)
         index = torch.tensor([r[3] for r in part], dtype=torch.long)
-        chunks.append(Chunk(input_ids, targets, image_mask, index))
+        chunks.append(Chunk(input_ids, targets, image_mask, index, positions, segments))
     slots = None
     if grid is not None:
         slots = slot_targets([scene for scene, _ in scenes], grid, num_image_tokens)
@@ -639,6 +658,44 @@ def make_batch(
         location_start=tokenizer.patch_index_offset,
         slots=slots,
     )
+
+
+def pack_scenes(rows: list[tuple]) -> list[tuple]:
+    """One row per scene from one row per sample (`make_batch`'s tuples): the shared image prefix (everything
+    up to `</image>`), then each sample's remaining tokens as segment 1, 2, … with the decoder positions they
+    have in their own row. With `segment_mask` every token computes what it computes in its own row."""
+    by_scene: dict[int, list[tuple]] = {}
+    for row in rows:
+        by_scene.setdefault(row[3], []).append(row)
+    packed = []
+    for scene, group in by_scene.items():
+        first_ids, first_mask = group[0][0], group[0][1]
+        P = max(t for t, m in enumerate(first_mask) if m) + 2  # the slots, then </image>
+        ids, mask, targets = list(first_ids[:P]), list(first_mask[:P]), [-100] * P
+        positions, segments = list(range(2, P + 2)), [0] * P  # make_positions: 2 + index, no padding
+        for k, (row_ids, row_mask, row_targets, _, _, _, _) in enumerate(group, start=1):
+            if row_ids[:P] != first_ids[:P] or row_targets[P - 1] != -100:
+                raise ValueError("share_prefix: a scene's samples must share the image prefix, unlearned")
+            ids += row_ids[P:]
+            mask += row_mask[P:]
+            targets += row_targets[P:]
+            positions += range(P + 2, len(row_ids) + 2)
+            segments += [k] * (len(row_ids) - P)
+        packed.append((ids, mask, targets, scene, group[0][4], positions, segments))
+    return packed
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """Attention mask [R,1,T,T] (True = may attend) for packed rows: causal, and a token sees the prefix
+    (segment 0) and its own segment only. Padding (-1) sees itself, so no query row is empty."""
+    import torch
+
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    query, key = segments.unsqueeze(2), segments.unsqueeze(1)  # [R,T,1], [R,1,T]
+    allowed = causal & ((key == 0) | (key == query)) & (key >= 0)
+    allowed |= torch.eye(T, dtype=torch.bool, device=segments.device)
+    return allowed.unsqueeze(1)
 
 
 def compute_losses(
@@ -664,11 +721,22 @@ def compute_losses(
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         embeds = model.encode_image(batch.pixel_values)  # [S, Q, C]
         for chunk in batch.chunks:
-            logits, _ = model(
-                chunk.input_ids,
-                image_embeds=embeds[chunk.image_index],  # [R, Q, C]: a scene's rows share its embeddings
-                image_mask=chunk.image_mask,
-            )
+            if chunk.segments is None:
+                logits, _ = model(
+                    chunk.input_ids,
+                    image_embeds=embeds[chunk.image_index],  # [R, Q, C]: a scene's rows share its embeddings
+                    image_mask=chunk.image_mask,
+                )
+            else:  # packed rows: explicit positions and the block mask
+                decoder = model.text_model
+                h = decoder.model(
+                    chunk.input_ids,
+                    chunk.positions,
+                    segment_mask(chunk.segments),
+                    embeds[chunk.image_index],
+                    chunk.image_mask,
+                )
+                logits = decoder.lm_head(h)
             targets = chunk.targets.flatten()
             ce = F.cross_entropy(logits.float().flatten(0, 1), targets, ignore_index=-100, reduction="none")
             lm = lm + ce.sum()
