@@ -130,6 +130,12 @@ class Recipe:
     # "objectness" only the first; "none" trains on the language-model loss alone
     slot_loss: str = "objects"
     slot_loss_weight: float = 1.0
+    # auxiliary pointer loss, training only (build_pointer_head; not exported): where the decoder is about to
+    # write a box (the input is <object> or the delimiter, the target an upper-left location token), a
+    # query of its hidden state is scored against keys of its hidden states at the 64 image slots, and the
+    # slot of the patch under the box's centre is the answer (pointer_loss). It teaches the step REC fails at
+    # most, picking which object the words name; 0 = off. Needs share_prefix and one slot per patch
+    pointer_loss_weight: float = 0.0
     checkpoint_every: int = 100
     log_every: int = 10
     export_dtype: str = "bfloat16"  # dtype of the exported model/ weights
@@ -162,6 +168,10 @@ class Recipe:
                 f"recipe slot_loss {self.slot_loss!r} (weight {self.slot_loss_weight}): use one of "
                 f"{', '.join(SLOT_LOSSES)} with a weight >= 0"
             )
+        if not self.pointer_loss_weight >= 0:
+            raise ValueError(f"recipe pointer_loss_weight must be >= 0, got {self.pointer_loss_weight}")
+        if self.pointer_loss_weight > 0 and not self.share_prefix:
+            raise ValueError("recipe pointer_loss_weight > 0 needs share_prefix=True (it reads packed rows)")
         if self.loss_on not in ("target", "all"):
             raise ValueError(f"recipe loss_on {self.loss_on!r}: use 'target' or 'all'")
         if self.share_prefix and self.loss_on != "target":
@@ -494,6 +504,75 @@ def slot_loss(head: torch.nn.Linear, slots: torch.Tensor, targets: SlotTargets) 
     return loss + F.l1_loss(out[..., k : k + SLOT_BOX_TERMS][covered], targets.box[covered])
 
 
+POINTER_WIDTH = 64  # query/key width of the pointer read-out
+
+
+def build_pointer_head(recipe: Recipe, model: Kosmos2) -> torch.nn.ModuleDict | None:
+    """The query and key projections of the auxiliary pointer loss (None when the recipe has none). Like the
+    slot read-out it lives only in training checkpoints."""
+    import torch
+
+    if recipe.pointer_loss_weight == 0:
+        return None
+    grid = patch_grid(model.config)
+    if model.config.latent_query_num != grid * grid:
+        raise ValueError(
+            f"recipe pointer_loss_weight > 0 needs one image slot per patch ({grid}x{grid} = {grid * grid}), "
+            f"but preset {recipe.preset!r} has {model.config.latent_query_num}; set pointer_loss_weight=0"
+        )
+    width = model.config.text.width
+    return torch.nn.ModuleDict(
+        {"query": torch.nn.Linear(width, POINTER_WIDTH), "key": torch.nn.Linear(width, POINTER_WIDTH)}
+    )
+
+
+def pointer_targets(
+    input_ids: torch.Tensor, targets: torch.Tensor, location_start: int, grid: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the rows start writing a box and which image slot holds it: (row, position, slot) index
+    tensors. A box starts where the input is not a location token and the target is one (the upper-left
+    corner after <object> or the delimiter); its centre, from the corner pair (SPEC §4 cells), falls in
+    patch (row, col) of the `grid` x `grid` patches, which is slot row * grid + col (one slot per patch)."""
+    import torch
+
+    from kosmos2.grounding import GRID
+
+    starts = (targets >= location_start) & (input_ids < location_start)
+    starts[:, -1] = False
+    rows, positions = starts.nonzero(as_tuple=True)
+    ul = targets[rows, positions] - location_start
+    lr = targets[rows, positions + 1] - location_start
+    whole = lr >= 0  # a box always has both corners; guard against a cut row all the same
+    rows, positions, ul, lr = rows[whole], positions[whole], ul[whole], lr[whole]
+    cy = ((ul // GRID) + (lr // GRID) + 1).float() / (2 * GRID)
+    cx = ((ul % GRID) + (lr % GRID) + 1).float() / (2 * GRID)
+    prow = torch.clamp((cy * grid).long(), 0, grid - 1)
+    pcol = torch.clamp((cx * grid).long(), 0, grid - 1)
+    return rows, positions, prow * grid + pcol
+
+
+def pointer_loss(
+    head: torch.nn.ModuleDict,
+    hidden: torch.Tensor,
+    image_mask: torch.Tensor,
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+) -> torch.Tensor:
+    """Summed cross-entropy of picking `slots` among a row's image slots: query(hidden at the box start) ·
+    key(hidden at each slot) / sqrt(width). hidden [R,T,C] is the decoder's last layer, image_mask [R,T]."""
+    import torch.nn.functional as F
+
+    if rows.numel() == 0:
+        return hidden.sum() * 0.0
+    num_rows, _, width = hidden.shape
+    slot_states = hidden[image_mask].view(num_rows, -1, width)  # [R, Q, C]
+    query = head["query"](hidden[rows, positions].float())  # [N, D]
+    keys = head["key"](slot_states[rows].float())  # [N, Q, D]
+    scores = (keys @ query.unsqueeze(-1)).squeeze(-1) / math.sqrt(query.shape[-1])
+    return F.cross_entropy(scores, slots, reduction="sum")
+
+
 def center_connector(model: Kosmos2, recipe: Recipe, scenes: int = 64) -> None:
     """Data-dependent init: shift the connector's biases so that its dense output and its image slots have
     mean zero over `scenes` training images (drawn from the recipe's seed). What every image shares carries
@@ -704,11 +783,14 @@ def compute_losses(
     bf16: bool = False,
     head: torch.nn.Linear | None = None,
     slot_weight: float = 1.0,
+    pointer: torch.nn.ModuleDict | None = None,
+    pointer_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """The losses of one batch: "lm", the mean cross-entropy over all target tokens of the batch;
     "location", the same over its location tokens only (a diagnostic; chance is ln 1024 = 6.93); with a slot
-    read-out `head` and `batch.slots`, "slots", the auxiliary slot loss (`slot_loss`); "loss", what training
-    minimises: lm + slot_weight * slots.
+    read-out `head` and `batch.slots`, "slots", the auxiliary slot loss (`slot_loss`); with a `pointer` head
+    (packed rows only), "pointer", the mean pointer loss per box (`pointer_loss`); "loss", what training
+    minimises: lm + slot_weight * slots + pointer_weight * pointer.
 
     The image encoder runs once per scene; each chunk's rows take their scene's embeddings.
     """
@@ -718,10 +800,14 @@ def compute_losses(
     lm = torch.zeros(())
     location = torch.zeros(())
     location_count = 0
+    pointed = torch.zeros(())
+    pointer_count = 0
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         embeds = model.encode_image(batch.pixel_values)  # [S, Q, C]
         for chunk in batch.chunks:
             if chunk.segments is None:
+                if pointer is not None:
+                    raise ValueError("the pointer loss needs packed rows (Recipe.share_prefix=True)")
                 logits, _ = model(
                     chunk.input_ids,
                     image_embeds=embeds[chunk.image_index],  # [R, Q, C]: a scene's rows share its embeddings
@@ -737,6 +823,11 @@ def compute_losses(
                     chunk.image_mask,
                 )
                 logits = decoder.lm_head(h)
+                if pointer is not None:
+                    grid = math.isqrt(embeds.shape[1])
+                    found = pointer_targets(chunk.input_ids, chunk.targets, batch.location_start, grid)
+                    pointed = pointed + pointer_loss(pointer, h, chunk.image_mask, *found)
+                    pointer_count += int(found[0].numel())
             targets = chunk.targets.flatten()
             ce = F.cross_entropy(logits.float().flatten(0, 1), targets, ignore_index=-100, reduction="none")
             lm = lm + ce.sum()
@@ -749,6 +840,9 @@ def compute_losses(
     if head is not None and batch.slots is not None:
         losses["slots"] = slot_loss(head, embeds, batch.slots)
         losses["loss"] = losses["lm"] + slot_weight * losses["slots"]
+    if pointer is not None:
+        losses["pointer"] = pointed / max(pointer_count, 1)
+        losses["loss"] = losses["loss"] + pointer_weight * losses["pointer"]
     return losses
 
 
@@ -919,7 +1013,9 @@ def train(
         tokenizer = build_tokenizer(recipe, tokenizer_dir)
     model = build_model(recipe, tokenizer)
     head = build_slot_head(recipe, model)
-    optimizer = make_optimizer(model, recipe, head)
+    pointer = build_pointer_head(recipe, model)
+    heads = torch.nn.ModuleList([m for m in (head, pointer) if m is not None])
+    optimizer = make_optimizer(model, recipe, heads)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, recipe))
 
     step, elapsed, tokens_seen = 0, 0.0, 0
@@ -928,6 +1024,8 @@ def train(
         model.load_state_dict(state["model"])
         if head is not None:
             head.load_state_dict(state["slot_head"])
+        if pointer is not None:
+            pointer.load_state_dict(state["pointer_head"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
@@ -939,14 +1037,16 @@ def train(
     image_size, num_image_tokens = config.vision.image_size, config.latent_query_num
     end = recipe.steps if stop_after is None else min(recipe.steps, stop_after)
     bar = Progress(recipe.steps, step, progress_stream) if progress and step < end else None
-    params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
+    params = list(model.parameters()) + list(heads.parameters())
     grid = patch_grid(config) if head is not None else None
     model.train()
     with open(out / LOG_FILE, "a", encoding="utf-8") as log:
         while step < end:
             t0 = time.monotonic()
             batch = make_batch(recipe, step, tokenizer, image_size, num_image_tokens, grid)
-            losses = compute_losses(model, batch, recipe.bf16, head, recipe.slot_loss_weight)
+            losses = compute_losses(
+                model, batch, recipe.bf16, head, recipe.slot_loss_weight, pointer, recipe.pointer_loss_weight
+            )
             loss = losses["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -987,6 +1087,7 @@ def train(
                     "recipe": recipe.to_dict(),
                     "model": model.state_dict(),
                     "slot_head": head.state_dict() if head is not None else None,
+                    "pointer_head": pointer.state_dict() if pointer is not None else None,
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "rng": _rng_state(),

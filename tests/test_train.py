@@ -563,3 +563,71 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(tokenizer):
         assert torch.allclose(grads[1][1][name], g, rtol=1e-3, atol=1e-6), name
     with pytest.raises(ValueError, match="share_prefix needs loss_on='target'"):
         recipe(share_prefix=True, loss_on="all")
+
+
+def test_pointer_targets_find_each_written_box_and_its_centre_slot():
+    """Worked by hand: a box from (0.5, 0.25) to (0.75, 0.5) has its centre (0.625, 0.375) in patch (row 3,
+    col 5) of an 8x8 grid, slot 29; a box in the prompt (no loss on it) is not a target; a second box after
+    the delimiter is (centre (0.125, 0.875): row 7, col 1, slot 57)."""
+    from kosmos2.grounding import box_to_tokens
+
+    start, obj, delim, end = 1000, 7, 8, 9  # location tokens are ids >= 1000
+    a = [start + t for t in box_to_tokens((0.5, 0.25, 0.75, 0.5))]
+    b = [start + t for t in box_to_tokens((0.0, 0.75, 0.25, 1.0))]
+    prompt_box = [start + t for t in box_to_tokens((0.0, 0.0, 1.0, 1.0))]
+    inputs = [5, obj, *prompt_box, end, 6, obj, *a, delim, *b, end]
+    targets = [-100] * 6 + [a[0], a[1], delim, b[0], b[1], end, -100]
+    assert len(targets) == len(inputs)
+    rows, positions, slots = T.pointer_targets(
+        torch.tensor([inputs, inputs]), torch.tensor([targets, [-100] * len(targets)]), start, 8
+    )
+    assert rows.tolist() == [0, 0]
+    assert positions.tolist() == [6, 9]  # the <object> and the delimiter
+    assert slots.tolist() == [3 * 8 + 5, 7 * 8 + 1]
+
+
+def test_pointer_loss_is_the_cross_entropy_over_the_row_slots():
+    torch.manual_seed(0)
+    head = torch.nn.ModuleDict({"query": torch.nn.Linear(6, 3), "key": torch.nn.Linear(6, 3)})
+    hidden = torch.randn(2, 7, 6)
+    image_mask = torch.zeros(2, 7, dtype=torch.bool)
+    image_mask[:, 1:5] = True  # four slots a row
+    rows, positions, slots = torch.tensor([1, 0]), torch.tensor([6, 5]), torch.tensor([2, 0])
+    got = T.pointer_loss(head, hidden, image_mask, rows, positions, slots)
+    want = 0.0
+    torch.set_grad_enabled(False)
+    for r, p, s in zip(rows.tolist(), positions.tolist(), slots.tolist(), strict=True):
+        q = head["query"](hidden[r, p])
+        scores = torch.stack([q @ head["key"](hidden[r, 1 + j]) for j in range(4)]) / 3**0.5
+        want -= float(torch.log_softmax(scores, 0)[s])
+    torch.set_grad_enabled(True)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_pointer_loss_recipe_checks():
+    with pytest.raises(ValueError, match="pointer_loss_weight > 0 needs share_prefix"):
+        recipe(pointer_loss_weight=1.0)
+    with pytest.raises(ValueError, match="pointer_loss_weight must be >= 0"):
+        recipe(share_prefix=True, pointer_loss_weight=-1.0)
+
+
+def test_pointer_loss_run_logs_it_and_resumes_to_the_same_weights(tmp_path):
+    """The small preset (one slot per 8 px patch): the pointer read-out trains beside the model, its loss is
+    logged, it is kept in the checkpoint (a stopped and resumed run equals an uninterrupted one) and it is
+    not exported. The tiny preset (64 slots over 4 patches) gets a clear error instead."""
+    from safetensors.torch import load_file
+
+    small = T.get_recipe("test", preset="small", share_prefix=True, pointer_loss_weight=1.0, steps=3)
+    T.train(small, tmp_path / "whole", progress=False)
+    T.train(small, tmp_path / "parts", stop_after=2, progress=False)
+    T.train(small, tmp_path / "parts", progress=False)
+    log = [json.loads(line) for line in (tmp_path / "whole" / T.LOG_FILE).read_text().splitlines()]
+    assert all(math.isfinite(r["loss_pointer"]) and r["loss_pointer"] > 0 for r in log)
+    whole = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    parts = load_file(tmp_path / "parts" / "model" / "model.safetensors")
+    assert whole.keys() == parts.keys() and not any("pointer" in k for k in whole)
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, parts[name]), name
+    tiny = recipe(share_prefix=True, pointer_loss_weight=1.0)
+    with pytest.raises(ValueError, match="one image slot per patch"):
+        T.train(tiny, tmp_path / "tiny", progress=False)
