@@ -131,10 +131,11 @@ class Recipe:
     slot_loss: str = "objects"
     slot_loss_weight: float = 1.0
     # auxiliary pointer loss, training only (build_pointer_head; not exported): where the decoder is about to
-    # write a box (the input is <object> or the delimiter, the target an upper-left location token), a
-    # query of its hidden state is scored against keys of its hidden states at the 64 image slots, and the
-    # slot of the patch under the box's centre is the answer (pointer_loss). It teaches the step REC fails at
-    # most, picking which object the words name; 0 = off. Needs share_prefix and one slot per patch
+    # write a box (the input is <object> or the delimiter, the target an upper-left location token) or has
+    # just read one in the prompt, a query of its hidden state is scored against keys of its hidden states at
+    # the image slots, and the slot of the patch under the box's centre is the answer (pointer_targets,
+    # pointer_loss). It teaches the step REC fails at most, picking which object the words name (the slots
+    # themselves know colour, shape and size); 0 = off. Needs share_prefix and one slot per patch
     pointer_loss_weight: float = 0.0
     checkpoint_every: int = 100
     log_every: int = 10
@@ -529,21 +530,31 @@ def build_pointer_head(recipe: Recipe, model: Kosmos2) -> torch.nn.ModuleDict | 
 def pointer_targets(
     input_ids: torch.Tensor, targets: torch.Tensor, location_start: int, grid: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Where the rows start writing a box and which image slot holds it: (row, position, slot) index
-    tensors. A box starts where the input is not a location token and the target is one (the upper-left
-    corner after <object> or the delimiter); its centre, from the corner pair (SPEC §4 cells), falls in
-    patch (row, col) of the `grid` x `grid` patches, which is slot row * grid + col (one slot per patch)."""
+    """Where the rows point at a box and which image slot holds it: (row, position, slot) index tensors.
+
+    Two kinds of place: where the model starts writing a box (the input is not a location token, the target
+    is one: the upper-left corner after <object> or the delimiter), the REC step; and where it has just read
+    a box of the prompt (the input is a lower-right corner after an upper-left one, with no loss there: REG
+    and grounded VQA). The box's centre, from its corner pair (SPEC §4 cells), falls in patch (row, col) of
+    the `grid` x `grid` patches, which is slot row * grid + col (one slot per patch)."""
     import torch
 
     from kosmos2.grounding import GRID
 
-    starts = (targets >= location_start) & (input_ids < location_start)
-    starts[:, -1] = False
-    rows, positions = starts.nonzero(as_tuple=True)
-    ul = targets[rows, positions] - location_start
-    lr = targets[rows, positions + 1] - location_start
-    whole = lr >= 0  # a box always has both corners; guard against a cut row all the same
-    rows, positions, ul, lr = rows[whole], positions[whole], ul[whole], lr[whole]
+    is_location = input_ids >= location_start
+    writes = (targets >= location_start) & ~is_location
+    writes[:, -1] = False
+    w_rows, w_positions = writes.nonzero(as_tuple=True)
+    w_ul = targets[w_rows, w_positions] - location_start
+    w_lr = targets[w_rows, w_positions + 1] - location_start
+    whole = w_lr >= 0  # a written box always has both corners; guard against a cut row all the same
+    reads = torch.zeros_like(is_location)
+    reads[:, 2:] = is_location[:, 2:] & is_location[:, 1:-1] & ~is_location[:, :-2] & (targets[:, 2:] == -100)
+    r_rows, r_positions = reads.nonzero(as_tuple=True)
+    rows = torch.cat([w_rows[whole], r_rows])
+    positions = torch.cat([w_positions[whole], r_positions])
+    ul = torch.cat([w_ul[whole], input_ids[r_rows, r_positions - 1] - location_start])
+    lr = torch.cat([w_lr[whole], input_ids[r_rows, r_positions] - location_start])
     cy = ((ul // GRID) + (lr // GRID) + 1).float() / (2 * GRID)
     cx = ((ul % GRID) + (lr % GRID) + 1).float() / (2 * GRID)
     prow = torch.clamp((cy * grid).long(), 0, grid - 1)

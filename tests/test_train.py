@@ -566,9 +566,10 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(tokenizer):
 
 
 def test_pointer_targets_find_each_written_box_and_its_centre_slot():
-    """Worked by hand: a box from (0.5, 0.25) to (0.75, 0.5) has its centre (0.625, 0.375) in patch (row 3,
-    col 5) of an 8x8 grid, slot 29; a box in the prompt (no loss on it) is not a target; a second box after
-    the delimiter is (centre (0.125, 0.875): row 7, col 1, slot 57)."""
+    """Worked by hand: a written box from (0.5, 0.25) to (0.75, 0.5) has its centre (0.625, 0.375) in patch
+    (row 3, col 5) of an 8x8 grid, slot 29, pointed at from its <object>; a second one after the delimiter,
+    centre (0.125, 0.875): row 7, col 1, slot 57. The whole-image box read in the prompt (no loss on it) is
+    pointed at from its lower-right corner: centre (0.5, 0.5), patch (4, 4), slot 36."""
     from kosmos2.grounding import box_to_tokens
 
     start, obj, delim, end = 1000, 7, 8, 9  # location tokens are ids >= 1000
@@ -581,9 +582,11 @@ def test_pointer_targets_find_each_written_box_and_its_centre_slot():
     rows, positions, slots = T.pointer_targets(
         torch.tensor([inputs, inputs]), torch.tensor([targets, [-100] * len(targets)]), start, 8
     )
-    assert rows.tolist() == [0, 0]
-    assert positions.tolist() == [6, 9]  # the <object> and the delimiter
-    assert slots.tolist() == [3 * 8 + 5, 7 * 8 + 1]
+    # row 0: the <object>, the delimiter (writes), the prompt box's lower-right corner (read); row 1, the same
+    # ids with no loss anywhere, reads all three boxes at their lower-right corners
+    assert rows.tolist() == [0, 0, 0, 1, 1, 1]
+    assert positions.tolist() == [6, 9, 3, 3, 8, 11]
+    assert slots.tolist() == [3 * 8 + 5, 7 * 8 + 1, 4 * 8 + 4, 4 * 8 + 4, 3 * 8 + 5, 7 * 8 + 1]
 
 
 def test_pointer_loss_is_the_cross_entropy_over_the_row_slots():
