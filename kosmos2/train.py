@@ -134,8 +134,9 @@ class Recipe:
     # write a box (the input is <object> or the delimiter, the target an upper-left location token) or has
     # just read one in the prompt, a query of its hidden state is scored against keys of its hidden states at
     # the image slots, and the slot of the patch under the box's centre is the answer (pointer_targets,
-    # pointer_loss). It teaches the step REC fails at most, picking which object the words name (the slots
-    # themselves know colour, shape and size); 0 = off. Needs share_prefix and one slot per patch
+    # pointer_loss). Aimed at the step REC failed at most, picking which object the words name (the slots
+    # themselves know colour, shape and size), but at weight 1 it made the boxes worse
+    # (docs/DEFAULT_MODEL.md); 0 = off. Needs share_prefix and one slot per patch
     pointer_loss_weight: float = 0.0
     checkpoint_every: int = 100
     log_every: int = 10
@@ -199,7 +200,7 @@ class Recipe:
 
 
 RECIPES: dict[str, Callable[[], Recipe]] = {
-    # the built-in default model: preset "small", ~57 minutes on 2 CPU cores (2,700 steps of ~1.22 s; each
+    # the built-in default model: preset "small", 55 minutes on 2 CPU cores (2,700 steps of ~1.22 s; each
     # step 16 scenes x 8 samples behind a shared image prefix: 1.8x the samples a second of a row a sample)
     "default": lambda: Recipe(steps=2700, samples_per_scene=8, share_prefix=True),
     # seconds, for tests and trying the loop: the "tiny" preset, a few steps
@@ -869,7 +870,7 @@ def compute_loss(model: Kosmos2, batch: Batch, bf16: bool = False) -> torch.Tens
 
 def make_optimizer(model: Kosmos2, recipe: Recipe, head: torch.nn.Module | None = None) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices (linear, embedding, latent queries), none on biases and norms;
-    over the model's parameters and those of the slot read-out `head`, if any."""
+    over the model's parameters and those of `head` (the training-only read-outs), if any."""
     import itertools
 
     import torch
