@@ -604,7 +604,7 @@ def test_pointer_loss_is_the_cross_entropy_over_the_row_slots():
         scores = torch.stack([q @ head["key"](hidden[r, 1 + j]) for j in range(4)]) / 3**0.5
         want -= float(torch.log_softmax(scores, 0)[s])
     torch.set_grad_enabled(True)
-    assert float(got) == pytest.approx(want, rel=1e-5)
+    assert float(got.detach()) == pytest.approx(want, rel=1e-5)
 
 
 def test_pointer_loss_recipe_checks():
