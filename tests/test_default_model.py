@@ -24,11 +24,11 @@ from kosmos2.predictor import DEFAULT_MODEL_ENV, Predictor, default_model_dir
 ROOT = Path(__file__).resolve().parent.parent
 ASSET = ROOT / "kosmos2" / "assets" / "default"
 FRESH_SEED = 7_000_001  # not a training seed (0) nor an evaluation split's (1, 2)
-# The quick check's floors: the full evaluation of the shipped model (README: test REC 0.853, VQA 0.612, REG
-# 0.550 on 1,000 queries each) minus ~2.8 binomial standard deviations of a 50-query estimate (0.050 at
-# p = 0.85, 0.07 at p≈0.5), so sampling noise alone fails the check about once in 400 draws while a broken
-# model (REC by chance < 0.05) always does.
-FLOORS = {"rec": 0.71, "vqa": 0.42, "reg": 0.35}
+# The quick check's floors: the full evaluation of the shipped model (README: test REC 0.876, VQA 0.670, REG
+# 0.556 on 1,000 queries each) minus ~2.8 binomial standard deviations of a 50-query estimate (0.047 at
+# p = 0.88, 0.067 at 0.67, 0.07 at p≈0.5), so sampling noise alone fails the check about once in 400 draws
+# while a broken model (REC by chance < 0.05) always does.
+FLOORS = {"rec": 0.74, "vqa": 0.48, "reg": 0.36}
 
 
 @pytest.fixture(scope="module")
