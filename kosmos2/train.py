@@ -121,7 +121,7 @@ class Recipe:
     # (docs/DEFAULT_MODEL.md).
     loss_on: str = "target"
     # run each scene's image prefix (<s><image> slots </image>) once and let all its samples attend to it: one
-    # row per scene, each sample a segment with its own positions and a block mask (pack_scene). The same
+    # row per scene, each sample a segment with its own positions and a block mask (pack_scenes). The same
     # loss as one row per sample for ~half the decoder tokens; needs loss_on="target" (the prefix's last
     # position would otherwise predict a different first prompt token for each sample)
     share_prefix: bool = False
