@@ -82,7 +82,7 @@ def _default_mixture() -> dict[str, float]:
 
 
 INITS = ("patches", "scaled", "std")
-SLOT_LOSSES = ("objects", "objectness", "none")
+SLOT_LOSSES = ("groups", "objects", "objectness", "none")
 
 
 @dataclass
@@ -127,7 +127,9 @@ class Recipe:
     share_prefix: bool = False
     # auxiliary loss on the image slots, training only (build_slot_head; not exported): "objects" reads from
     # each slot whether an object covers its patch, and that object's colour, shape, size and box;
-    # "objectness" only the first; "none" trains on the language-model loss alone
+    # "groups" also how many objects are identical to it (1, 2, 3, 4+) and which EXTREMES word tells it
+    # from them (the count words of captions and VQA, the suffix of REG answers); "objectness" only the
+    # first; "none" trains on the language-model loss alone
     slot_loss: str = "objects"
     slot_loss_weight: float = 1.0
     # auxiliary pointer loss, training only (build_pointer_head; not exported): where the decoder is about to
@@ -429,13 +431,19 @@ def init_patches(model: Kosmos2, sharpness: float = 12.0, slot_std: float = 0.1)
 SLOT_BOX_TERMS = 4  # x1, y1, x2, y2 of the covering object, relative to the patch centre, in patches
 
 
+GROUP_CLASSES = 4  # objects identical to a slot's object, itself included: 1, 2, 3, 4 or more
+PLACE_CLASSES = ("", "on the left", "on the right", "at the top", "at the bottom", None)  # Facts.place
+
+
 def slot_head_outputs(slot_loss: str) -> int:
-    """Read-out width: 1 objectness logit, then (for "objects") colour, shape, size logits and the box."""
+    """Read-out width: 1 objectness logit, then (for "objects") colour, shape, size logits and the box,
+    then (for "groups") group-size and place logits."""
     from kosmos2.data import synthetic
 
     if slot_loss == "objectness":
         return 1
-    return 1 + len(synthetic.COLOURS) + len(synthetic.SHAPES) + len(synthetic.SIZES) + SLOT_BOX_TERMS
+    width = 1 + len(synthetic.COLOURS) + len(synthetic.SHAPES) + len(synthetic.SIZES) + SLOT_BOX_TERMS
+    return width + GROUP_CLASSES + len(PLACE_CLASSES) if slot_loss == "groups" else width
 
 
 def build_slot_head(recipe: Recipe, model: Kosmos2) -> torch.nn.Linear | None:
@@ -452,13 +460,17 @@ def build_slot_head(recipe: Recipe, model: Kosmos2) -> torch.nn.Linear | None:
 class SlotTargets:
     """What the slot read-out should say, per scene and slot [S, Q]: cover (1.0 when an object's box
     overlaps the slot's patch), colour / shape / size class of the object covering most of the patch (-100
-    where none does), box [S, Q, 4] of that object relative to the patch centre, in patches."""
+    where none does), box [S, Q, 4] of that object relative to the patch centre, in patches; group: the
+    number of objects identical to it, less one, capped at GROUP_CLASSES - 1; place: its index in
+    PLACE_CLASSES."""
 
     cover: torch.Tensor
     colour: torch.Tensor
     shape: torch.Tensor
     size: torch.Tensor
     box: torch.Tensor
+    group: torch.Tensor
+    place: torch.Tensor
 
 
 def slot_targets(scenes: Sequence[Any], grid: int, num_slots: int) -> SlotTargets:
@@ -472,33 +484,39 @@ def slot_targets(scenes: Sequence[Any], grid: int, num_slots: int) -> SlotTarget
     patches = slot_patches(num_slots, grid * grid)
     S = len(scenes)
     cover = torch.zeros(S, num_slots)
-    classes = torch.full((3, S, num_slots), -100, dtype=torch.long)
+    classes = torch.full((5, S, num_slots), -100, dtype=torch.long)
     box = torch.zeros(S, num_slots, SLOT_BOX_TERMS)
     for s, scene in enumerate(scenes):
+        twins = synthetic.twin_facts(scene)
         for q, patch in enumerate(patches):
             r, c = divmod(patch, grid)
             px1, py1, px2, py2 = c / grid, r / grid, (c + 1) / grid, (r + 1) / grid
-            best, best_area = None, 0.0
-            for o in scene.objects:  # later objects are drawn on top: ties go to them
+            which, best_area = None, 0.0
+            for i, o in enumerate(scene.objects):  # later objects are drawn on top: ties go to them
                 x1, y1, x2, y2 = o.norm_box
                 area = max(0.0, min(x2, px2) - max(x1, px1)) * max(0.0, min(y2, py2) - max(y1, py1))
                 if area > 0 and area >= best_area:
-                    best, best_area = o, area
-            if best is None:
+                    which, best_area = i, area
+            if which is None:
                 continue
+            best = scene.objects[which]
             cover[s, q] = 1.0
             classes[0, s, q] = colours.index(best.colour)
             classes[1, s, q] = shapes.index(best.shape)
             classes[2, s, q] = synthetic.SIZES.index(best.size)
+            count, place = twins[which]
+            classes[3, s, q] = min(count, GROUP_CLASSES) - 1
+            classes[4, s, q] = PLACE_CLASSES.index(place)
             cx, cy = (c + 0.5) / grid, (r + 0.5) / grid
             x1, y1, x2, y2 = best.norm_box
             box[s, q] = torch.tensor([x1 - cx, y1 - cy, x2 - cx, y2 - cy]) * grid
-    return SlotTargets(cover, classes[0], classes[1], classes[2], box)
+    return SlotTargets(cover, *classes[:3], box, *classes[3:])
 
 
 def slot_loss(head: torch.nn.Linear, slots: torch.Tensor, targets: SlotTargets) -> torch.Tensor:
-    """Objectness binary cross-entropy over all slots; with the "objects" read-out also the mean of the
-    colour, shape and size cross-entropies and the box L1 (in patches) over the covered slots."""
+    """Objectness binary cross-entropy over all slots; with the "objects" read-out also the colour, shape
+    and size cross-entropies and the box L1 (in patches), each a mean over the covered slots; with "groups"
+    also the group-size and place cross-entropies."""
     import torch.nn.functional as F
 
     from kosmos2.data import synthetic
@@ -518,7 +536,13 @@ def slot_loss(head: torch.nn.Linear, slots: torch.Tensor, targets: SlotTargets) 
     ):
         loss = loss + F.cross_entropy(out[..., k : k + n][covered], labels[covered])
         k += n
-    return loss + F.l1_loss(out[..., k : k + SLOT_BOX_TERMS][covered], targets.box[covered])
+    loss = loss + F.l1_loss(out[..., k : k + SLOT_BOX_TERMS][covered], targets.box[covered])
+    k += SLOT_BOX_TERMS
+    for n, labels in ((GROUP_CLASSES, targets.group), (len(PLACE_CLASSES), targets.place)):
+        if out.shape[-1] >= k + n:
+            loss = loss + F.cross_entropy(out[..., k : k + n][covered], labels[covered])
+            k += n
+    return loss
 
 
 POINTER_WIDTH = 64  # query/key width of the pointer read-out

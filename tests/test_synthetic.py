@@ -355,6 +355,17 @@ def test_reg_prompts_carry_the_box_and_targets_name_it(test_set):
         assert resolve(scene, sample["expression"]) == [i]
 
 
+def test_twin_facts_count_look_alikes_and_give_the_reg_suffix(test_set):
+    for sample in by_task(test_set, "reg"):
+        scene = sample["scene"]
+        i = index_of_box(scene, sample["boxes"][0])
+        o = scene.objects[i]
+        count, place = S.twin_facts(scene)[i]
+        assert count == sum((p.size, p.colour, p.shape) == (o.size, o.colour, o.shape) for p in scene.objects)
+        suffix = sample["expression"][len(f"the {o.size} {o.colour} {o.shape}") :].strip()
+        assert place == suffix and (count == 1) == (suffix == "")
+
+
 def test_vqa_answers_follow_from_the_scene(test_set, compositional_set):
     kinds = Counter()
     for sample in by_task(test_set, "vqa") + by_task(compositional_set, "vqa"):

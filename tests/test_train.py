@@ -268,6 +268,34 @@ def test_slot_targets_by_hand():
     assert both.shape[0, 0] == synthetic.SHAPES.index("circle")
 
 
+def test_slot_targets_count_twins_and_tell_them_apart():
+    # three identical circles along the top row (grid 4: patch columns 0 | 1, 2 | 3) and a large square
+    # below: the circles are a group of three, the left one "on the left", the right one "on the right",
+    # the middle one told by no EXTREMES word; the square is alone
+    scene = _scene_of(
+        ("circle", "red", "small", (0.0, 0.0, 0.2, 0.2)),
+        ("circle", "red", "small", (0.4, 0.0, 0.6, 0.2)),
+        ("circle", "red", "small", (0.8, 0.0, 1.0, 0.2)),
+        ("square", "blue", "large", (0.3, 0.6, 0.7, 0.9)),
+    )
+    targets = T.slot_targets([scene], grid=4, num_slots=16)
+    places = T.PLACE_CLASSES
+    assert targets.group[0, [0, 1, 2, 3]].tolist() == [2, 2, 2, 2]
+    assert targets.place[0, [0, 1, 2, 3]].tolist() == [
+        places.index("on the left"),
+        places.index(None),
+        places.index(None),
+        places.index("on the right"),
+    ]
+    assert targets.group[0, [9, 10, 13, 14]].tolist() == [0] * 4
+    assert targets.place[0, [9, 10, 13, 14]].tolist() == [places.index("")] * 4
+    assert (targets.group[0, [4, 5, 6, 7, 8, 11]] == -100).all()
+    assert (targets.place[0, [4, 5, 6, 7, 8, 11]] == -100).all()
+    # five of a kind: the group class stops at "4 or more"
+    five = _scene_of(*[("star", "green", "small", (0.2 * i, 0.0, 0.2 * i + 0.1, 0.1)) for i in range(5)])
+    assert set(T.slot_targets([five], grid=4, num_slots=16).group[0].tolist()) == {-100, 3}
+
+
 @torch.no_grad()
 def test_slot_loss_reads_objectness_then_attributes_and_box():
     star = _scene_of(("star", "green", "small", (0.3, 0.0, 0.6, 0.2)))
@@ -285,6 +313,20 @@ def test_slot_loss_reads_objectness_then_attributes_and_box():
         + (out[..., k + 8 :][covered] - targets.box[covered]).abs().mean()
     )
     assert float(T.slot_loss(head, slots, targets)) == pytest.approx(float(expected), rel=1e-6)
+    groups = torch.nn.Linear(8, T.slot_head_outputs("groups"))
+    out = groups(slots)
+    k = 1 + len(synthetic.COLOURS) + 6 + 2 + 4
+    expected = (
+        F.binary_cross_entropy_with_logits(out[..., 0], targets.cover)
+        + F.cross_entropy(out[..., 1 : 1 + len(synthetic.COLOURS)][covered], targets.colour[covered])
+        + F.cross_entropy(out[..., k - 12 : k - 6][covered], targets.shape[covered])
+        + F.cross_entropy(out[..., k - 6 : k - 4][covered], targets.size[covered])
+        + (out[..., k - 4 : k][covered] - targets.box[covered]).abs().mean()
+        + F.cross_entropy(out[..., k : k + 4][covered], targets.group[covered])
+        + F.cross_entropy(out[..., k + 4 : k + 10][covered], targets.place[covered])
+    )
+    assert out.shape[-1] == k + 10
+    assert float(T.slot_loss(groups, slots, targets)) == pytest.approx(float(expected), rel=1e-6)
     objectness = torch.nn.Linear(8, T.slot_head_outputs("objectness"))
     assert float(T.slot_loss(objectness, slots, targets)) == pytest.approx(
         float(F.binary_cross_entropy_with_logits(objectness(slots)[..., 0], targets.cover)), rel=1e-6

@@ -103,6 +103,7 @@ __all__ = [
     "make_scene",
     "render",
     "scene_seed",
+    "twin_facts",
 ]
 
 # ------------------------------------------------------------------------------------------------------------
@@ -578,17 +579,24 @@ class _Facts:
                 out.append(d)
         return out
 
-    def canonical(self, i: int) -> str | None:
-        """The REG answer for object i, "the small red circle" [+ " on the left" …]; None if none decides."""
-        full = _desc(self.objects[i], FULL)
-        candidates = self.matching(full)
-        words = "the " + _desc_words(full)
+    def place(self, i: int) -> str | None:
+        """What tells object i from the objects identical to it: "" when it has none, else the first of
+        EXTREMES that decides ("on the left", …); None when none does."""
+        candidates = self.matching(_desc(self.objects[i], FULL))
         if candidates == [i]:
-            return words
+            return ""
         for where in EXTREMES:
             if self.extreme(candidates, i, where):
-                return f"{words} {where}"
+                return where
         return None
+
+    def canonical(self, i: int) -> str | None:
+        """The REG answer for object i, "the small red circle" [+ " on the left" …]; None if none decides."""
+        where = self.place(i)
+        if where is None:
+            return None
+        words = "the " + _desc_words(_desc(self.objects[i], FULL))
+        return f"{words} {where}" if where else words
 
     def rec_expressions(
         self, i: int, patterns: Sequence[tuple[bool, bool, bool]] = PATTERNS
@@ -615,6 +623,14 @@ class _Facts:
                     if row[i][j] and all(row[k][j] is False for k in candidates if k != i):
                         forms["relation"] += [f"{head} {rel} the {_desc_words(ld)}" for ld in descs]
         return forms
+
+
+def twin_facts(scene: Scene) -> list[tuple[int, str | None]]:
+    """Per object of `scene`: how many objects share its size, colour and shape (itself included), and its
+    `_Facts.place` ("" when unique, else the EXTREMES word that tells it from its twins, None if none does).
+    What a caption's count word and a REG answer's suffix are made of (training's "groups" slot read-out)."""
+    facts = _Facts(scene)
+    return [(len(facts.matching(_desc(o, FULL))), facts.place(i)) for i, o in enumerate(scene.objects)]
 
 
 def _third(v: float, names: tuple[str, str, str]) -> str | None:
