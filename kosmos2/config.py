@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -350,9 +350,17 @@ def _small() -> Kosmos2Config:
     )
 
 
+def _small_128() -> Kosmos2Config:
+    """`small` with 128 px images in 16 px patches: the same 8 x 8 grid of patches, slots and decoder cost,
+    four times the pixels under each patch (small shapes are ~6 px across at 64 px)."""
+    config = _small()
+    return replace(config, vision=replace(config.vision, image_size=128, patch_size=16))
+
+
 # name -> factory. Add a preset by adding an entry.
 PRESETS: dict[str, Callable[[], Kosmos2Config]] = {
     "kosmos-2-patch14-224": _kosmos_2_patch14_224,
     "tiny": _tiny,
     "small": _small,
+    "small-128": _small_128,
 }

@@ -210,18 +210,21 @@ def test_slots_spread_evenly_over_the_patches():
     assert T.slot_patches(64, 64) == list(range(64))
 
 
-def test_patch_init_makes_slot_i_look_at_patch_i():
-    """On the small preset, from real rendered scenes: each latent's attention peaks on its own patch."""
+@pytest.mark.parametrize("preset", ["small", "small-128"])
+def test_patch_init_makes_slot_i_look_at_patch_i(preset):
+    """On the small presets, from real rendered scenes: each latent's attention peaks on its own patch."""
     from kosmos2.config import Kosmos2Config
     from kosmos2.image import preprocess
     from kosmos2.model import Kosmos2
 
     torch.manual_seed(0)
-    model = Kosmos2(Kosmos2Config.from_preset("small")).eval()
+    config = Kosmos2Config.from_preset(preset)
+    assert T.patch_grid(config) == 8  # both presets: 8 x 8 patches, one image slot each
+    model = Kosmos2(config).eval()
     T.init_scaled(model)
     T.init_patches(model)
     scenes = [synthetic.make_scene(synthetic.scene_seed("train", 5, "patches", i)) for i in range(4)]
-    pixels = preprocess([synthetic.render(s) for s in scenes], size=64)
+    pixels = preprocess([synthetic.render(s) for s in scenes], size=config.vision.image_size)
     connector = model.image_to_text_projection
     attn = connector.x_attn
     with torch.no_grad():
