@@ -18,16 +18,35 @@ Two ways to run the decoder:
 
 from __future__ import annotations
 
+import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from kosmos2.config import Kosmos2Config, TextConfig, VisionConfig
 
 # -- helpers -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SharedLayout:
+    """How `TextTransformer.forward_shared` lays its tokens out as one flat [N, C] tensor: pieces of
+    `shapes[j]` = (rows, length) tokens, row-major, one after another. Piece 0 is the prefixes [S,P]; piece
+    j >= 1 a chunk of sample rows, row r continuing prefix `index[j-1][r]` under mask `masks[j-1]` [L,P+L]."""
+
+    shapes: list[tuple[int, int]]
+    index: list[Tensor]
+    masks: list[Tensor]
+
+    def split(self, x: Tensor) -> list[Tensor]:
+        """[N, ...] -> one [rows, length, ...] tensor per piece."""
+        pieces = x.split([r * n for r, n in self.shapes])
+        return [t.view(r, n, *x.shape[1:]) for t, (r, n) in zip(pieces, self.shapes, strict=True)]
 
 
 def quick_gelu(x: Tensor) -> Tensor:
@@ -245,20 +264,40 @@ class DecoderAttention(nn.Module):
         self.inner_attn_ln = nn.LayerNorm(C, eps=cfg.layer_norm_eps)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, mask: Tensor | None, input_pos: Tensor | None = None) -> Tensor:
-        # x [B,T,C]; mask [B,1,T,S] bool or None (plain causal); input_pos [T] cache slots, None = no cache
+    def _heads(self, x: Tensor) -> Tensor:
+        # [B,T,C] -> [B,H,T,hd]
         B, T, C = x.shape
-        H = self.heads
-        q = self.q_proj(x).view(B, T, H, C // H).transpose(1, 2)  # [B,H,T,hd]
-        k = self.k_proj(x).view(B, T, H, C // H).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, H, C // H).transpose(1, 2)
-        if input_pos is not None:
-            assert self.kv_cache is not None, "call setup_cache() before forward_cached()"
-            k, v = self.kv_cache.update(input_pos, k, v)  # [B,H,max_len,hd]
+        return x.view(B, T, self.heads, C // self.heads).transpose(1, 2)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        # q [B,H,T,hd], k and v [B,H,S,hd]; mask [B,1,T,S] bool or None (causal) -> [B,T,C], heads merged
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0
         )
-        y = y.transpose(1, 2).reshape(B, T, C)  # merge heads
+        B, H, T, hd = y.shape
+        return y.transpose(1, 2).reshape(B, T, H * hd)
+
+    def forward(self, x: Tensor, mask: Tensor | None, input_pos: Tensor | None = None) -> Tensor:
+        # x [B,T,C]; mask [B,1,T,S] bool or None (plain causal); input_pos [T] cache slots, None = no cache
+        q, k, v = (self._heads(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if input_pos is not None:
+            assert self.kv_cache is not None, "call setup_cache() before forward_cached()"
+            k, v = self.kv_cache.update(input_pos, k, v)  # [B,H,max_len,hd]
+        return self.out_proj(self.inner_attn_ln(self._attend(q, k, v, mask)))
+
+    def forward_shared(self, x: Tensor, layout: SharedLayout) -> Tensor:
+        """x [N,C] laid out by `layout`: the prefix rows attend causally to themselves; each sample row to
+        the keys and values of its prefix row, then causally to its own (`TextTransformer.forward_shared`)."""
+        q, k, v = (
+            [self._heads(t) for t in layout.split(p(x))] for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        # on CPU, plain matmuls beat the fused kernel on these short masked rows (benchmarks/train_step.py)
+        with sdpa_kernel(SDPBackend.MATH) if x.device.type == "cpu" else contextlib.nullcontext():
+            out = [self._attend(q[0], k[0], v[0], None)]
+            for j, (index, mask) in enumerate(zip(layout.index, layout.masks, strict=True), start=1):
+                keys, values = (torch.cat([t[0].index_select(0, index), t[j]], dim=2) for t in (k, v))
+                out.append(self._attend(q[j], keys, values, mask))
+        y = torch.cat([t.flatten(0, 1) for t in out])  # [N, C]
         return self.out_proj(self.inner_attn_ln(y))
 
 
@@ -292,6 +331,12 @@ class DecoderBlock(nn.Module):
         x = x + F.dropout(
             self.self_attn(self.self_attn_layer_norm(x), mask, input_pos), self.dropout, self.training
         )
+        return x + self.ffn(self.final_layer_norm(x))
+
+    def forward_shared(self, x: Tensor, layout: SharedLayout) -> Tensor:
+        # x [N,C]: every token of the prefixes and samples at once (`SharedLayout`)
+        h = self.self_attn.forward_shared(self.self_attn_layer_norm(x), layout)
+        x = x + F.dropout(h, self.dropout, self.training)
         return x + self.ffn(self.final_layer_norm(x))
 
 
@@ -343,6 +388,45 @@ class TextTransformer(nn.Module):
             else:
                 x = layer(x, mask, input_pos)
         return self.layer_norm(x)
+
+    def forward_shared(
+        self,
+        prefix_ids: Tensor,
+        image_embeds: Tensor,
+        image_mask: Tensor,
+        samples: list[tuple[Tensor, Tensor, Tensor]],
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Training with a shared prefix: several samples continue each image prefix, and the prefix is run
+        once. Each sample row computes exactly what it would as the continuation of its prefix in a row of
+        its own (the prefix's keys and values are the same), for a fraction of the tokens and attention.
+
+        prefix_ids [S,P] (no padding: all prefixes one length), image_mask [S,P] marking the image slots,
+        image_embeds [S,N,C]; samples: chunks of (ids [R,L] right-padded, positions [R,L], index [R] = the
+        prefix row each continues). Returns hidden states after the final LayerNorm: prefix [S,P,C] and
+        one [R,L,C] per chunk.
+        """
+        S, P = prefix_ids.shape
+        device = prefix_ids.device
+        positions = torch.arange(2, P + 2, device=device).expand(S, P)  # make_positions, no pads
+        pieces = [self.embed(prefix_ids, positions, image_embeds, image_mask)]
+        layout = SharedLayout([(S, P)], [], [])
+        for ids, pos, index in samples:
+            R, L = ids.shape
+            # a sample token sees the whole prefix, then its own row causally (right padding needs no mask)
+            mask = torch.ones(L, P + L, dtype=torch.bool, device=device)
+            mask[:, P:] = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+            pieces.append(self.embed(ids, pos, None, None))
+            layout.shapes.append((R, L))
+            layout.index.append(index)
+            layout.masks.append(mask[None, None])
+        x = torch.cat([t.flatten(0, 1) for t in pieces])  # [N, C]
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer.forward_shared, x, layout, use_reentrant=False)
+            else:
+                x = layer.forward_shared(x, layout)
+        out = layout.split(self.layer_norm(x))
+        return out[0], out[1:]
 
 
 class TextDecoder(nn.Module):

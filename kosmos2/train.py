@@ -120,8 +120,8 @@ class Recipe:
     # depend on the image, is learned first and teaches the decoder to flatten the image slots
     # (docs/DEFAULT_MODEL.md).
     loss_on: str = "target"
-    # run each scene's image prefix (<s><image> slots </image>) once and let all its samples attend to it: one
-    # row per scene, each sample a segment with its own positions and a block mask (pack_scenes). The same
+    # run each scene's image prefix (<s><image> slots </image>) once; all its samples attend to its keys
+    # and values, each keeping its own positions (split_prefixes, TextTransformer.forward_shared). The same
     # loss as one row per sample for ~half the decoder tokens; needs loss_on="target" (the prefix's last
     # position would otherwise predict a different first prompt token for each sample)
     share_prefix: bool = False
@@ -175,7 +175,9 @@ class Recipe:
         if not self.pointer_loss_weight >= 0:
             raise ValueError(f"recipe pointer_loss_weight must be >= 0, got {self.pointer_loss_weight}")
         if self.pointer_loss_weight > 0 and not self.share_prefix:
-            raise ValueError("recipe pointer_loss_weight > 0 needs share_prefix=True (it reads packed rows)")
+            raise ValueError(
+                "recipe pointer_loss_weight > 0 needs share_prefix=True (it reads the prefix's slots)"
+            )
         if self.loss_on not in ("target", "all"):
             raise ValueError(f"recipe loss_on {self.loss_on!r}: use 'target' or 'all'")
         if self.share_prefix and self.loss_on != "target":
@@ -605,19 +607,18 @@ def pointer_targets(
 def pointer_loss(
     head: torch.nn.ModuleDict,
     hidden: torch.Tensor,
-    image_mask: torch.Tensor,
+    slot_states: torch.Tensor,
     rows: torch.Tensor,
     positions: torch.Tensor,
     slots: torch.Tensor,
 ) -> torch.Tensor:
     """Summed cross-entropy of picking `slots` among a row's image slots: query(hidden at the box start) ·
-    key(hidden at each slot) / sqrt(width). hidden [R,T,C] is the decoder's last layer, image_mask [R,T]."""
+    key(hidden at each slot) / sqrt(width). hidden [R,T,C] is the decoder's last layer over the rows,
+    slot_states [R,Q,C] the same layer at the image slots each row reads."""
     import torch.nn.functional as F
 
     if rows.numel() == 0:
-        return hidden.sum() * 0.0
-    num_rows, _, width = hidden.shape
-    slot_states = hidden[image_mask].view(num_rows, -1, width)  # [R, Q, C]
+        return hidden.sum() * 0.0 + slot_states.sum() * 0.0
     query = head["query"](hidden[rows, positions].float())  # [N, D]
     keys = head["key"](slot_states[rows].float())  # [N, Q, D]
     scores = (keys @ query.unsqueeze(-1)).squeeze(-1) / math.sqrt(query.shape[-1])
@@ -663,10 +664,19 @@ class Chunk:
     targets: torch.Tensor
     image_mask: torch.Tensor
     image_index: torch.Tensor
-    # packed rows (Recipe.share_prefix): decoder positions [R,T] and segments [R,T] (0 = the image prefix,
-    # k = the k-th sample, -1 = padding); None = one sample a row
+    # samples behind a shared prefix (Recipe.share_prefix): the rows hold each sample's tokens after its
+    # scene's image prefix (`Batch.prefix`, row image_index), positions [R,T] are the decoder positions they
+    # have in a row of their own, and image_mask is all False; None = one sample a row, prefix included
     positions: torch.Tensor | None = None
-    segments: torch.Tensor | None = None
+
+
+@dataclass
+class Prefix:
+    """The image prefix of each scene (`<s><image>` slots `</image>`), run once for all its samples:
+    input_ids and image_mask [S,P] (one length: the template is fixed)."""
+
+    input_ids: torch.Tensor
+    image_mask: torch.Tensor
 
 
 @dataclass
@@ -683,6 +693,7 @@ class Batch:
     tasks: list[str]
     location_start: int  # the first location token's id: targets >= it are location tokens
     slots: SlotTargets | None = None  # targets of the auxiliary slot loss, when asked for
+    prefix: Prefix | None = None  # the shared image prefixes (Recipe.share_prefix)
 
     @property
     def loss_tokens(self) -> int:
@@ -691,7 +702,8 @@ class Batch:
     @property
     def tokens(self) -> int:
         """Real (non-padding) tokens in the batch."""
-        return sum(int((c.input_ids != PAD_ID).sum()) for c in self.chunks)
+        shared = self.prefix.input_ids.numel() if self.prefix is not None else 0
+        return shared + sum(int((c.input_ids != PAD_ID).sum()) for c in self.chunks)
 
 
 CHUNK_ROWS = 16
@@ -755,9 +767,10 @@ def make_batch(
             )
             # next-token targets: position t predicts ids[t + 1] where the loss covers it (SPEC §3)
             targets = [n if learn else -100 for n, learn in zip(ids[1:], loss_mask[1:], strict=True)] + [-100]
-            rows.append((ids, image_mask, targets, i, sample["task"], None, None))
+            rows.append((ids, image_mask, targets, i, sample["task"], None))
+    prefix = None
     if recipe.share_prefix:
-        rows = pack_scenes(rows)
+        prefix, rows = split_prefixes(rows)
     rows.sort(key=lambda r: len(r[0]))  # stable: equal lengths keep their order
     chunks = []
     for start in range(0, len(rows), CHUNK_ROWS):
@@ -766,18 +779,15 @@ def make_batch(
         input_ids = torch.full((len(part), T), PAD_ID, dtype=torch.long)
         targets = torch.full((len(part), T), -100, dtype=torch.long)
         image_mask = torch.zeros((len(part), T), dtype=torch.bool)
-        packed = part[0][5] is not None
-        positions = torch.ones((len(part), T), dtype=torch.long) if packed else None
-        segments = torch.full((len(part), T), -1, dtype=torch.long) if packed else None
-        for r, (ids, mask, tgt, _, _, pos, seg) in enumerate(part):
+        positions = torch.ones((len(part), T), dtype=torch.long) if prefix is not None else None
+        for r, (ids, mask, tgt, _, _, pos) in enumerate(part):
             input_ids[r, : len(ids)] = torch.tensor(ids)
             targets[r, : len(ids)] = torch.tensor(tgt)
             image_mask[r, : len(ids)] = torch.tensor(mask)
-            if packed:
+            if positions is not None:
                 positions[r, : len(ids)] = torch.tensor(pos)
-                segments[r, : len(ids)] = torch.tensor(seg)
         index = torch.tensor([r[3] for r in part], dtype=torch.long)
-        chunks.append(Chunk(input_ids, targets, image_mask, index, positions, segments))
+        chunks.append(Chunk(input_ids, targets, image_mask, index, positions))
     slots = None
     if grid is not None:
         slots = slot_targets([scene for scene, _ in scenes], grid, num_image_tokens)
@@ -787,45 +797,33 @@ def make_batch(
         tasks=[r[4] for r in rows],
         location_start=tokenizer.patch_index_offset,
         slots=slots,
+        prefix=prefix,
     )
 
 
-def pack_scenes(rows: list[tuple]) -> list[tuple]:
-    """One row per scene from one row per sample (`make_batch`'s tuples): the shared image prefix (everything
-    up to `</image>`), then each sample's remaining tokens as segment 1, 2, … with the decoder positions they
-    have in their own row. With `segment_mask` every token computes what it computes in its own row."""
-    by_scene: dict[int, list[tuple]] = {}
-    for row in rows:
-        by_scene.setdefault(row[3], []).append(row)
-    packed = []
-    for scene, group in by_scene.items():
-        first_ids, first_mask = group[0][0], group[0][1]
-        P = max(t for t, m in enumerate(first_mask) if m) + 2  # the slots, then </image>
-        ids, mask, targets = list(first_ids[:P]), list(first_mask[:P]), [-100] * P
-        positions, segments = list(range(2, P + 2)), [0] * P  # make_positions: 2 + index, no padding
-        for k, (row_ids, row_mask, row_targets, _, _, _, _) in enumerate(group, start=1):
-            if row_ids[:P] != first_ids[:P] or row_targets[P - 1] != -100:
-                raise ValueError("share_prefix: a scene's samples must share the image prefix, unlearned")
-            ids += row_ids[P:]
-            mask += row_mask[P:]
-            targets += row_targets[P:]
-            positions += range(P + 2, len(row_ids) + 2)
-            segments += [k] * (len(row_ids) - P)
-        packed.append((ids, mask, targets, scene, group[0][4], positions, segments))
-    return packed
-
-
-def segment_mask(segments: torch.Tensor) -> torch.Tensor:
-    """Attention mask [R,1,T,T] (True = may attend) for packed rows: causal, and a token sees the prefix
-    (segment 0) and its own segment only. Padding (-1) sees itself, so no query row is empty."""
+def split_prefixes(rows: list[tuple]) -> tuple[Prefix, list[tuple]]:
+    """The shared image prefix of each scene (everything up to `</image>`) and, from one row per sample
+    (`make_batch`'s tuples), each sample's remaining tokens with the decoder positions they have in their own
+    row (make_positions: 2 + index, no padding before them). `TextTransformer.forward_shared` then computes
+    for every token what it computes in the sample's own row."""
     import torch
 
-    T = segments.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
-    query, key = segments.unsqueeze(2), segments.unsqueeze(1)  # [R,T,1], [R,1,T]
-    allowed = causal & ((key == 0) | (key == query)) & (key >= 0)
-    allowed |= torch.eye(T, dtype=torch.bool, device=segments.device)
-    return allowed.unsqueeze(1)
+    prefixes: dict[int, tuple[list[int], list[int]]] = {}
+    samples = []
+    for ids, mask, targets, scene, task, _ in rows:
+        P = max(t for t, m in enumerate(mask) if m) + 2  # the slots, then </image>
+        first = prefixes.setdefault(scene, (ids[:P], mask[:P]))
+        if ids[:P] != first[0] or any(t != -100 for t in targets[:P]) or any(mask[P:]):
+            raise ValueError("share_prefix: a scene's samples must share the image prefix, unlearned")
+        samples.append((ids[P:], mask[P:], targets[P:], scene, task, list(range(P + 2, len(ids) + 2))))
+    scenes = sorted(prefixes)
+    if scenes != list(range(len(scenes))) or len({len(p[0]) for p in prefixes.values()}) != 1:
+        raise ValueError("share_prefix: every scene needs a sample, and all prefixes one length")
+    prefix = Prefix(
+        input_ids=torch.tensor([prefixes[s][0] for s in scenes], dtype=torch.long),
+        image_mask=torch.tensor([prefixes[s][1] for s in scenes], dtype=torch.bool),
+    )
+    return prefix, samples
 
 
 def compute_losses(
@@ -840,7 +838,7 @@ def compute_losses(
     """The losses of one batch: "lm", the mean cross-entropy over all target tokens of the batch;
     "location", the same over its location tokens only (a diagnostic; chance is ln 1024 = 6.93); with a slot
     read-out `head` and `batch.slots`, "slots", the auxiliary slot loss (`slot_loss`); with a `pointer` head
-    (packed rows only), "pointer", the mean pointer loss per box (`pointer_loss`); "loss", what training
+    (a shared prefix only), "pointer", the mean pointer loss per box (`pointer_loss`); "loss", what training
     minimises: lm + slot_weight * slots + pointer_weight * pointer.
 
     The image encoder runs once per scene; each chunk's rows take their scene's embeddings.
@@ -848,39 +846,48 @@ def compute_losses(
     import torch
     import torch.nn.functional as F
 
+    from kosmos2.model import make_positions
+
     lm = torch.zeros(())
     location = torch.zeros(())
     location_count = 0
     pointed = torch.zeros(())
     pointer_count = 0
+    decoder = model.text_model
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         embeds = model.encode_image(batch.pixel_values)  # [S, Q, C]
-        for chunk in batch.chunks:
-            if chunk.segments is None:
-                if pointer is not None:
-                    raise ValueError("the pointer loss needs packed rows (Recipe.share_prefix=True)")
-                logits, _ = model(
+        if batch.prefix is None:
+            if pointer is not None:
+                raise ValueError("the pointer loss needs a shared prefix (Recipe.share_prefix=True)")
+            hidden = [
+                decoder.model(
                     chunk.input_ids,
-                    image_embeds=embeds[chunk.image_index],  # [R, Q, C]: a scene's rows share its embeddings
-                    image_mask=chunk.image_mask,
-                )
-            else:  # packed rows: explicit positions and the block mask
-                decoder = model.text_model
-                h = decoder.model(
-                    chunk.input_ids,
-                    chunk.positions,
-                    segment_mask(chunk.segments),
-                    embeds[chunk.image_index],
+                    make_positions(chunk.input_ids, PAD_ID),
+                    None,  # right padding: causal is enough
+                    embeds[chunk.image_index],  # [R, Q, C]: a scene's rows share its embeddings
                     chunk.image_mask,
                 )
-                logits = decoder.lm_head(h)
-                if pointer is not None:
-                    grid = math.isqrt(embeds.shape[1])
-                    found = pointer_targets(chunk.input_ids, chunk.targets, batch.location_start, grid)
-                    pointed = pointed + pointer_loss(pointer, h, chunk.image_mask, *found)
-                    pointer_count += int(found[0].numel())
-            targets = chunk.targets.flatten()
-            ce = F.cross_entropy(logits.float().flatten(0, 1), targets, ignore_index=-100, reduction="none")
+                for chunk in batch.chunks
+            ]
+        else:
+            prefix = batch.prefix
+            shared, hidden = decoder.model.forward_shared(
+                prefix.input_ids,
+                embeds,
+                prefix.image_mask,
+                [(c.input_ids, c.positions, c.image_index) for c in batch.chunks],
+            )
+            slot_states = shared[prefix.image_mask].view(*embeds.shape[:2], -1)  # [S, Q, C]
+        for chunk, h in zip(batch.chunks, hidden, strict=True):
+            if pointer is not None:
+                grid = math.isqrt(embeds.shape[1])
+                found = pointer_targets(chunk.input_ids, chunk.targets, batch.location_start, grid)
+                pointed = pointed + pointer_loss(pointer, h, slot_states[chunk.image_index], *found)
+                pointer_count += int(found[0].numel())
+            learned = chunk.targets != -100
+            targets = chunk.targets[learned]
+            logits = decoder.lm_head(h[learned])  # the output head only where the loss is
+            ce = F.cross_entropy(logits.float(), targets, reduction="none")
             lm = lm + ce.sum()
             is_location = targets >= batch.location_start
             location = location + ce[is_location].detach().sum()

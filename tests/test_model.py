@@ -284,6 +284,47 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
 
 
+def test_forward_shared_equals_each_sample_in_its_own_row():
+    """Samples continuing a shared image prefix (right-padded chunks, the prefix run once) get the hidden
+    states they get as whole rows of their own, prefix included; in training with gradient checkpointing
+    too."""
+    config = tiny_config()
+    config.text.dropout = config.text.attention_dropout = 0.0  # deterministic in train mode
+    model = random_model(config, seed=9)
+    decoder = model.text_model.model
+    row, mask = image_prompt(PLAIN)
+    P = max(i for i, m in enumerate(mask) if m) + 2  # through </image>
+    prefix = torch.tensor([row[:P], row[:P]])
+    prefix_mask = torch.tensor([mask[:P], mask[:P]])
+    tails = [[GROUNDING, 10, 20], [11, 12, 13, 14, 15, EOS], [GROUNDING, 30], [40, 41, 42, EOS]]
+    scenes = [0, 1, 1, 0]
+    chunks = [[0, 2], [1, 3]]  # each chunk right-padded to its longest tail
+    samples = []
+    for chunk in chunks:
+        L = max(len(tails[i]) for i in chunk)
+        ids = torch.full((len(chunk), L), PAD)
+        positions = torch.ones((len(chunk), L), dtype=torch.long)
+        for r, i in enumerate(chunk):
+            ids[r, : len(tails[i])] = torch.tensor(tails[i])
+            positions[r, : len(tails[i])] = torch.arange(P + 2, P + 2 + len(tails[i]))
+        samples.append((ids, positions, torch.tensor([scenes[i] for i in chunk])))
+    with torch.no_grad():
+        embeds = model.encode_image(_pixels(config, 2))
+        shared, hidden = decoder.forward_shared(prefix, embeds, prefix_mask, samples)
+        for chunk, h in zip(chunks, hidden, strict=True):
+            for r, i in enumerate(chunk):
+                ids = torch.tensor([row[:P] + tails[i]])
+                image_mask = torch.tensor([mask[:P] + [False] * len(tails[i])])
+                alone = decoder(ids, make_positions(ids), None, embeds[scenes[i]][None], image_mask)
+                assert (h[r, : len(tails[i])] - alone[0, P:]).abs().max() <= 1e-5
+                assert (shared[scenes[i]] - alone[0, :P]).abs().max() <= 1e-5
+    decoder.gradient_checkpointing = True
+    model.train()
+    again = decoder.forward_shared(prefix, embeds, prefix_mask, samples)
+    for a, b in zip([shared, *hidden], [again[0], *again[1]], strict=True):
+        assert (a - b.detach()).abs().max() <= 1e-6
+
+
 def test_fresh_model_initialisation():
     model = Kosmos2(tiny_config())
     embed = model.text_model.model.embed_tokens.weight

@@ -589,7 +589,8 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(tokenizer):
     a = T.make_batch(plain, 3, tokenizer, 28, 64)
     b = T.make_batch(shared, 3, tokenizer, 28, 64)
     assert b.loss_tokens == a.loss_tokens
-    assert sum(c.input_ids.shape[0] for c in b.chunks) == b.pixel_values.shape[0]  # one row per scene
+    assert b.prefix is not None and b.prefix.input_ids.shape[0] == b.pixel_values.shape[0]  # one per scene
+    assert sum(c.input_ids.shape[0] for c in b.chunks) == sum(c.input_ids.shape[0] for c in a.chunks)
     assert b.tokens < a.tokens  # the prefixes are not repeated
     model = T.build_model(plain, tokenizer).eval()
     grads = []
@@ -638,15 +639,14 @@ def test_pointer_loss_is_the_cross_entropy_over_the_row_slots():
     torch.manual_seed(0)
     head = torch.nn.ModuleDict({"query": torch.nn.Linear(6, 3), "key": torch.nn.Linear(6, 3)})
     hidden = torch.randn(2, 7, 6)
-    image_mask = torch.zeros(2, 7, dtype=torch.bool)
-    image_mask[:, 1:5] = True  # four slots a row
+    slot_states = torch.randn(2, 4, 6)  # four slots a row
     rows, positions, slots = torch.tensor([1, 0]), torch.tensor([6, 5]), torch.tensor([2, 0])
-    got = T.pointer_loss(head, hidden, image_mask, rows, positions, slots)
+    got = T.pointer_loss(head, hidden, slot_states, rows, positions, slots)
     want = 0.0
     torch.set_grad_enabled(False)
     for r, p, s in zip(rows.tolist(), positions.tolist(), slots.tolist(), strict=True):
         q = head["query"](hidden[r, p])
-        scores = torch.stack([q @ head["key"](hidden[r, 1 + j]) for j in range(4)]) / 3**0.5
+        scores = torch.stack([q @ head["key"](slot_states[r, j]) for j in range(4)]) / 3**0.5
         want -= float(torch.log_softmax(scores, 0)[s])
     torch.set_grad_enabled(True)
     assert float(got.detach()) == pytest.approx(want, rel=1e-5)

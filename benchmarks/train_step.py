@@ -1,0 +1,104 @@
+"""Training step speed: one row per sample against samples behind a shared image prefix, same batches.
+
+    python benchmarks/train_step.py                 # the default recipe's batches (16 scenes x 8 samples)
+    python benchmarks/train_step.py --steps 4 --threads 1
+
+Each mode runs forward + backward (bf16 autocast, as the recipe trains) on the same seeded model and the
+same `--steps` batches, after one warm-up batch; the modes alternate per batch so that a machine that slows
+down hits all of them alike. Modes:
+
+- `rows`: every sample in a row of its own, its image prefix included (`share_prefix=False`, SPEC §3's
+  layout): the reference the shared path must equal (tests/test_train.py checks loss and gradients);
+- `shared`: `share_prefix=True` as shipped: each scene's prefix runs once (`TextTransformer.forward_shared`),
+  attention by plain matmuls on CPU;
+- `shared-fused`: the same with PyTorch's fused attention kernel allowed, for the choice above.
+
+Prints seconds a step, samples a second and the ratio to `rows`, and the loss of each mode on the first
+batch in eval mode (they must agree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", default="default", help="kosmos2.train recipe whose batches to time")
+    parser.add_argument("--steps", type=int, default=8, help="timed batches per mode (default 8)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    import kosmos2.model as km
+    from kosmos2 import train as T
+
+    torch.set_num_threads(args.threads)
+    recipe = T.get_recipe(args.recipe, share_prefix=True, tokenizer_corpus_lines=2000)
+    rows_recipe = dataclasses.replace(recipe, share_prefix=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = T.build_tokenizer(recipe, tmp)
+    model = T.build_model(recipe, tokenizer)
+    head = T.build_slot_head(recipe, model)
+    config = model.config
+    grid = T.patch_grid(config) if head is not None else None
+
+    def batches(r):
+        size, slots = config.vision.image_size, config.latent_query_num
+        return [T.make_batch(r, s, tokenizer, size, slots, grid) for s in range(args.steps + 1)]
+
+    data = {"rows": batches(rows_recipe), "shared": batches(recipe)}
+    data["shared-fused"] = data["shared"]
+
+    @contextlib.contextmanager
+    def fused(allowed: bool):
+        saved = km.sdpa_kernel
+        if allowed:
+            km.sdpa_kernel = lambda *a, **k: contextlib.nullcontext()
+        try:
+            yield
+        finally:
+            km.sdpa_kernel = saved
+
+    def step(mode: str, i: int) -> float:
+        with fused(mode == "shared-fused"):
+            t0 = time.perf_counter()
+            losses = T.compute_losses(model, data[mode][i], recipe.bf16, head, recipe.slot_loss_weight)
+            losses["loss"].backward()
+            seconds = time.perf_counter() - t0
+        model.zero_grad(set_to_none=True)
+        return seconds
+
+    modes = list(data)
+    model.eval()
+    with torch.no_grad():
+        check = {m: float(T.compute_losses(model, data[m][0], recipe.bf16, head)["lm"]) for m in modes}
+    model.train()
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for m in modes:
+        step(m, 0)  # warm-up
+    for i in range(1, args.steps + 1):
+        for m in modes:
+            times[m].append(step(m, i))
+    samples = statistics.mean(len(b.tasks) for b in data["rows"][1:])
+    base = statistics.median(times["rows"])
+    print(f"recipe {args.recipe!r}, {samples:.0f} samples a step, {args.threads} threads, {args.steps} steps")
+    print(f"{'mode':<14}{'s/step':>8}{'samples/s':>11}{'vs rows':>9}{'eval loss':>11}")
+    for m in modes:
+        t = statistics.median(times[m])
+        print(f"{m:<14}{t:>8.3f}{samples / t:>11.1f}{base / t:>8.2f}x{check[m]:>11.5f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
