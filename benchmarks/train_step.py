@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                 # the default recipe's batches (16 scenes x 8 samples)
     python benchmarks/train_step.py --steps 4 --threads 1
+    python benchmarks/train_step.py --checkpoint runs/default/checkpoint.pt   # trained weights
 
 Each mode runs forward + backward (bf16 autocast, as the recipe trains) on the same seeded model and the
 same `--steps` batches, after one warm-up batch; the modes alternate per batch so that a machine that slows
@@ -9,9 +10,12 @@ down hits all of them alike. Modes:
 
 - `rows`: every sample in a row of its own, its image prefix included (`share_prefix=False`, SPEC §3's
   layout): the reference the shared path must equal (tests/test_train.py checks loss and gradients);
-- `shared`: `share_prefix=True` as shipped: each scene's prefix runs once (`TextTransformer.forward_shared`),
-  attention by plain matmuls on CPU;
-- `shared-fused`: the same with PyTorch's fused attention kernel allowed, for the choice above.
+- `shared`: `share_prefix=True` as shipped: each scene's prefix runs once (`TextTransformer.forward_shared`);
+- `shared-math`: the same with attention forced onto PyTorch's plain-matmul kernel.
+
+Speed depends on the weights: on a fresh model `shared-math` was a little faster than `shared`, on the
+default recipe's trained weights (`--checkpoint`, a `kosmos2 train` checkpoint of the same recipe) it was
+~15 % slower (denormal floats in sharp attention), hence the fused kernel.
 
 Prints seconds a step, samples a second and the ratio to `rows`, and the loss of each mode on the first
 batch in eval mode (they must agree).
@@ -36,20 +40,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default="default", help="kosmos2.train recipe whose batches to time")
     parser.add_argument("--steps", type=int, default=8, help="timed batches per mode (default 8)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--checkpoint", help="time with these weights (a checkpoint.pt of the recipe)")
     args = parser.parse_args(argv)
 
     import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    import kosmos2.model as km
     from kosmos2 import train as T
 
     torch.set_num_threads(args.threads)
     recipe = T.get_recipe(args.recipe, share_prefix=True, tokenizer_corpus_lines=2000)
     rows_recipe = dataclasses.replace(recipe, share_prefix=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = T.build_tokenizer(recipe, tmp)
+    if args.checkpoint:  # the run's own tokenizer, beside its checkpoint
+        from kosmos2.tokenizer import Kosmos2Tokenizer
+
+        tokenizer = Kosmos2Tokenizer.from_pretrained(Path(args.checkpoint).parent / T.TOKENIZER_DIR)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = T.build_tokenizer(recipe, tmp)
     model = T.build_model(recipe, tokenizer)
     head = T.build_slot_head(recipe, model)
+    if args.checkpoint:
+        state = T.load_checkpoint(Path(args.checkpoint))
+        model.load_state_dict(state["model"])
+        if head is not None:
+            head.load_state_dict(state["slot_head"])
     config = model.config
     grid = T.patch_grid(config) if head is not None else None
 
@@ -58,20 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         return [T.make_batch(r, s, tokenizer, size, slots, grid) for s in range(args.steps + 1)]
 
     data = {"rows": batches(rows_recipe), "shared": batches(recipe)}
-    data["shared-fused"] = data["shared"]
-
-    @contextlib.contextmanager
-    def fused(allowed: bool):
-        saved = km.sdpa_kernel
-        if allowed:
-            km.sdpa_kernel = lambda *a, **k: contextlib.nullcontext()
-        try:
-            yield
-        finally:
-            km.sdpa_kernel = saved
+    data["shared-math"] = data["shared"]
 
     def step(mode: str, i: int) -> float:
-        with fused(mode == "shared-fused"):
+        with sdpa_kernel(SDPBackend.MATH) if mode == "shared-math" else contextlib.nullcontext():
             t0 = time.perf_counter()
             losses = T.compute_losses(model, data[mode][i], recipe.bf16, head, recipe.slot_loss_weight)
             losses["loss"].backward()
