@@ -18,12 +18,14 @@ Two ways to run the decoder:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from kosmos2.config import Kosmos2Config, TextConfig, VisionConfig
@@ -289,10 +291,14 @@ class DecoderAttention(nn.Module):
         q, k, v = (
             [self._heads(t) for t in layout.split(p(x))] for p in (self.q_proj, self.k_proj, self.v_proj)
         )
-        out = [self._attend(q[0], k[0], v[0], None)]
-        for j, (index, mask) in enumerate(zip(layout.index, layout.masks, strict=True), start=1):
-            keys, values = (torch.cat([t[0].index_select(0, index), t[j]], dim=2) for t in (k, v))
-            out.append(self._attend(q[j], keys, values, mask))
+        # plain-matmul attention on CPU: the kernel the shipped default model was trained with (the fused
+        # one rounds differently, and a run is chaotic enough that other floats make another model);
+        # benchmarks/train_step.py times both
+        with sdpa_kernel(SDPBackend.MATH) if x.device.type == "cpu" else contextlib.nullcontext():
+            out = [self._attend(q[0], k[0], v[0], None)]
+            for j, (index, mask) in enumerate(zip(layout.index, layout.masks, strict=True), start=1):
+                keys, values = (torch.cat([t[0].index_select(0, index), t[j]], dim=2) for t in (k, v))
+                out.append(self._attend(q[j], keys, values, mask))
         y = torch.cat([t.flatten(0, 1) for t in out])  # [N, C]
         return self.out_proj(self.inner_attn_ln(y))
 

@@ -204,11 +204,11 @@ class Recipe:
 
 
 RECIPES: dict[str, Callable[[], Recipe]] = {
-    # the built-in default model: preset "small", ~50 minutes on 2 CPU cores (2,700 steps of ~1.1 s; each
-    # step 16 scenes x 8 samples behind a shared image prefix: 1.8x the samples a second of a row a sample),
-    # the mixture shifted from REC and captions towards REG and VQA, where the model was weakest
+    # the built-in default model: preset "small", ~53 minutes on 2 CPU cores (3,400 steps of ~0.93 s; each
+    # step 16 scenes x 8 samples behind a shared image prefix), the mixture shifted from REC and captions
+    # towards REG and VQA, where the model was weakest
     "default": lambda: Recipe(
-        steps=2700,
+        steps=3400,
         samples_per_scene=8,
         share_prefix=True,
         mixture={
