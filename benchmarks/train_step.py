@@ -14,10 +14,10 @@ down hits all of them alike. Modes:
   attention by PyTorch's plain-matmul kernel on CPU (the kernel the default model was trained with);
 - `shared-fused`: the same with PyTorch's fused attention kernel.
 
-Speed depends on the weights: on a fresh model the two kernels were level (0.60 vs 0.62 s), on the default
-recipe's trained weights (`--checkpoint`, a `kosmos2 train` checkpoint of the same recipe) the fused one was
-faster (0.81 vs 0.97 s: denormal floats in sharp attention). The plain one stays because the shipped model
-was trained with it: other rounding makes another model.
+On the development machine the two kernels were within the noise of each other, on fresh weights and on
+the default recipe's trained weights (`--checkpoint`, a `kosmos2 train` checkpoint of the same recipe;
+docs/DEFAULT_MODEL.md has the numbers). The plain one stays because the shipped model was trained with it:
+other rounding makes another model.
 
 Prints seconds a step, samples a second and the ratio to `rows`, and the loss of each mode on the first
 batch in eval mode (they must agree).
