@@ -877,7 +877,8 @@ def compute_losses(
                 prefix.image_mask,
                 [(c.input_ids, c.positions, c.image_index) for c in batch.chunks],
             )
-            slot_states = shared[prefix.image_mask].view(*embeds.shape[:2], -1)  # [S, Q, C]
+            if pointer is not None:
+                slot_states = shared[prefix.image_mask].view(*embeds.shape[:2], -1)  # [S, Q, C]
         for chunk, h in zip(batch.chunks, hidden, strict=True):
             if pointer is not None:
                 grid = math.isqrt(embeds.shape[1])
