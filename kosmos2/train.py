@@ -32,6 +32,7 @@ Output folder of a run:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -39,7 +40,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -474,6 +475,9 @@ class SlotTargets:
     group: torch.Tensor
     place: torch.Tensor
 
+    def to(self, device: torch.device | str) -> SlotTargets:
+        return _move(self, device)
+
 
 def slot_targets(scenes: Sequence[Any], grid: int, num_slots: int) -> SlotTargets:
     """Targets of the slot loss from the scenes' true boxes. The model sees each scene resized to a square
@@ -669,6 +673,9 @@ class Chunk:
     # have in a row of their own, and image_mask is all False; None = one sample a row, prefix included
     positions: torch.Tensor | None = None
 
+    def to(self, device: torch.device | str) -> Chunk:
+        return _move(self, device)
+
 
 @dataclass
 class Prefix:
@@ -677,6 +684,28 @@ class Prefix:
 
     input_ids: torch.Tensor
     image_mask: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Prefix:
+        return _move(self, device)
+
+
+def _move(data: Any, device: torch.device | str) -> Any:
+    """A copy of the dataclass `data` with its tensors (and the dataclasses and lists of them it holds) on
+    `device`."""
+    import torch
+
+    def move(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(device, non_blocking=True)
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        if dataclasses.is_dataclass(value):
+            return dataclasses.replace(
+                value, **{f.name: move(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            )
+        return value
+
+    return move(data)
 
 
 @dataclass
@@ -704,6 +733,10 @@ class Batch:
         """Real (non-padding) tokens in the batch."""
         shared = self.prefix.input_ids.numel() if self.prefix is not None else 0
         return shared + sum(int((c.input_ids != PAD_ID).sum()) for c in self.chunks)
+
+    def to(self, device: torch.device | str) -> Batch:
+        """This batch with every tensor on `device` (tasks and location_start as they are)."""
+        return _move(self, device)
 
 
 CHUNK_ROWS = 16
@@ -848,13 +881,14 @@ def compute_losses(
 
     from kosmos2.model import make_positions
 
-    lm = torch.zeros(())
-    location = torch.zeros(())
+    device = batch.pixel_values.device
+    lm = torch.zeros((), device=device)
+    location = torch.zeros((), device=device)
     location_count = 0
-    pointed = torch.zeros(())
+    pointed = torch.zeros((), device=device)
     pointer_count = 0
     decoder = model.text_model
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         embeds = model.encode_image(batch.pixel_values)  # [S, Q, C]
         if batch.prefix is None:
             if pointer is not None:
@@ -971,6 +1005,21 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+@contextlib.contextmanager
+def _flush_denormals(enabled: bool) -> Iterator[None]:
+    """Flush denormal floats to zero while training on the CPU: trained attention is sharp, its softmax
+    underflows into denormals, and x86 cores compute on them many times slower. Deterministic, so a resumed
+    run still matches an uninterrupted one."""
+    import torch
+
+    on = enabled and torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if on:
+            torch.set_flush_denormal(False)
+
+
 def _rng_state() -> dict[str, Any]:
     import torch
 
@@ -1038,14 +1087,23 @@ def train(
     stop_after: int | None = None,
     progress: bool = True,
     progress_stream: TextIO | None = None,
+    device: torch.device | str = "cpu",
 ) -> Path:
     """Run (or resume) `recipe` in `out_dir`; return the folder of the exported model (`out_dir/model`).
 
     A folder holding a checkpoint resumes from it; its recipe.json must equal `recipe`. `stop_after`: stop
     (with a checkpoint) once that many steps are done, without exporting, as if the run had been killed
     after a checkpoint. The model is exported when the last step is done.
+
+    `device`: where the model trains (batches are made on the CPU and moved). The model is built and
+    initialised on the CPU, so every device starts from the same weights; the floats of later steps differ
+    between devices (other kernels), and the shipped model is the CPU run's.
     """
     import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: this torch build sees no CUDA device; use --device cpu")
 
     from kosmos2.tokenizer import Kosmos2Tokenizer
 
@@ -1074,6 +1132,8 @@ def train(
     head = build_slot_head(recipe, model)
     pointer = build_pointer_head(recipe, model)
     heads = torch.nn.ModuleList([m for m in (head, pointer) if m is not None])
+    model.to(device)
+    heads.to(device)
     optimizer = make_optimizer(model, recipe, heads)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, recipe))
 
@@ -1099,10 +1159,12 @@ def train(
     params = list(model.parameters()) + list(heads.parameters())
     grid = patch_grid(config) if head is not None else None
     model.train()
-    with open(out / LOG_FILE, "a", encoding="utf-8") as log:
+    with _flush_denormals(device.type == "cpu"), open(out / LOG_FILE, "a", encoding="utf-8") as log:
         while step < end:
             t0 = time.monotonic()
             batch = make_batch(recipe, step, tokenizer, image_size, num_image_tokens, grid)
+            if device.type != "cpu":
+                batch = batch.to(device)
             losses = compute_losses(
                 model, batch, recipe.bf16, head, recipe.slot_loss_weight, pointer, recipe.pointer_loss_weight
             )
@@ -1171,7 +1233,7 @@ def export(
     from kosmos2.image import CLIP_MEAN, CLIP_STD
 
     directory = Path(directory)
-    copy_ = copy.deepcopy(model).to(getattr(torch, dtype)).eval()
+    copy_ = copy.deepcopy(model).to("cpu", getattr(torch, dtype)).eval()
     save_pretrained(copy_, directory)
     tokenizer.save_pretrained(directory)
     generation = {**GENERATION_CONFIG, **GENERATION_SETTINGS}
@@ -1338,6 +1400,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="override the recipe's seed")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
     p.add_argument(
+        "--device", default="cpu",
+        help="torch device to train on, e.g. cuda (default: %(default)s; the shipped model is a CPU run)",
+    )  # fmt: skip
+    p.add_argument(
         "--eval-per-task", type=int, default=200,
         help="after training, score the model on this many held-out queries per task (0: skip)",
     )  # fmt: skip
@@ -1357,7 +1423,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        model_dir = train(recipe, args.out, progress=not args.no_progress)
+        model_dir = train(recipe, args.out, progress=not args.no_progress, device=args.device)
     except ValueError as e:
         print(f"kosmos2 train: error: {e}", file=sys.stderr)
         return 2
@@ -1365,7 +1431,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.eval_per_task > 0:
         from kosmos2.predictor import Predictor
 
-        predictor = Predictor.from_pretrained(model_dir)
+        predictor = Predictor.from_pretrained(model_dir, device=args.device)
         for split in ("test", "compositional"):
             tasks = ("rec", "grounded_caption", "reg", "vqa") if split == "test" else ("rec",)
             print(format_quality(split, measure_world(predictor, split, args.eval_per_task, tasks)))

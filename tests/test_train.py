@@ -495,6 +495,27 @@ def test_cli_train_and_its_errors(tmp_path, capsys):
     assert "another recipe (differs in ['steps'])" in capsys.readouterr().err
     assert main(["train", "--recipe", "test", "--steps", "0", "--out", str(tmp_path / "x")]) == 2
     assert "steps must be a positive int" in capsys.readouterr().err
+    # training flushes denormal floats to zero on the CPU (speed) and gives the setting back afterwards
+    assert float(torch.tensor([1e-40]) * 1.0) != 0.0
+    if not torch.cuda.is_available():
+        assert main(["train", "--recipe", "test", "--device", "cuda", "--out", str(tmp_path / "g")]) == 2
+        assert "device cuda: this torch build sees no CUDA device; use --device cpu" in capsys.readouterr().err
+
+
+def test_a_batch_moves_to_a_device_whole(tokenizer):
+    """`Batch.to` (training on a GPU) carries every tensor: pixels, each chunk, the shared prefix and the
+    slot targets, and leaves the batch it was called on where it was."""
+    r = recipe(samples_per_scene=3, share_prefix=True)
+    batch = T.make_batch(r, 1, tokenizer, 28, 64, grid=4)
+    moved = batch.to("meta")
+    tensors = [moved.pixel_values, moved.prefix.input_ids, moved.prefix.image_mask]
+    for chunk in moved.chunks:
+        tensors += [chunk.input_ids, chunk.targets, chunk.image_mask, chunk.image_index, chunk.positions]
+    tensors += [getattr(moved.slots, f) for f in ("cover", "colour", "shape", "size", "box", "group", "place")]
+    assert all(t.device.type == "meta" for t in tensors)
+    assert [c.input_ids.shape for c in moved.chunks] == [c.input_ids.shape for c in batch.chunks]
+    assert moved.tasks == batch.tasks and moved.location_start == batch.location_start
+    assert batch.pixel_values.device.type == "cpu" and batch.chunks[0].input_ids.device.type == "cpu"
 
 
 # ------------------------------------------------------------------------------------------------------------
