@@ -1120,7 +1120,7 @@ def train(
     progress: bool = True,
     progress_stream: TextIO | None = None,
     device: torch.device | str = "cpu",
-    prefetch: bool | None = None,
+    prefetch: bool = False,
 ) -> Path:
     """Run (or resume) `recipe` in `out_dir`; return the folder of the exported model (`out_dir/model`).
 
@@ -1131,9 +1131,7 @@ def train(
     `device`: where the model trains (batches are made on the CPU and moved). The model is built and
     initialised on the CPU, so every device starts from the same weights; the floats of later steps differ
     between devices (other kernels), and the shipped model is the CPU run's. `prefetch`: make the next
-    step's batch in a background thread while this one trains (the same batches, so the same run); None:
-    only on an accelerator, where the CPU would otherwise sit idle while the step runs (on the 2-core CPU it
-    measured no gain: both cores are busy with the step).
+    step's batch in a background thread while this one trains (the same batches, so the same run).
     """
     import torch
 
@@ -1195,8 +1193,6 @@ def train(
     params = list(model.parameters()) + list(heads.parameters())
     grid = patch_grid(config) if head is not None else None
     model.train()
-    if prefetch is None:
-        prefetch = device.type != "cpu"
     batches = _batches(recipe, step, end, tokenizer, image_size, num_image_tokens, grid, prefetch)
     with _flush_denormals(device.type == "cpu"), open(out / LOG_FILE, "a", encoding="utf-8") as log:
         while step < end:
