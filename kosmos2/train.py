@@ -1005,38 +1005,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def _batches(
-    recipe: Recipe,
-    start: int,
-    end: int,
-    tokenizer: Kosmos2Tokenizer,
-    image_size: int,
-    num_image_tokens: int,
-    grid: int | None,
-    prefetch: bool,
-) -> Iterator[Batch]:
-    """The batches of steps start .. end - 1 (`make_batch`). With `prefetch` a background thread makes the
-    next step's batch while the current one trains; a batch is a pure function of its step, so the batches
-    (and the run) are the same either way."""
-
-    def make(step: int) -> Batch:
-        return make_batch(recipe, step, tokenizer, image_size, num_image_tokens, grid)
-
-    if not prefetch or start >= end:
-        for step in range(start, end):
-            yield make(step)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1, thread_name_prefix="kosmos2-batches") as pool:
-        future = pool.submit(make, start)
-        for step in range(start, end):
-            batch = future.result()
-            if step + 1 < end:
-                future = pool.submit(make, step + 1)
-            yield batch
-
-
 @contextlib.contextmanager
 def _flush_denormals(enabled: bool) -> Iterator[None]:
     """Flush denormal floats to zero while training on the CPU: trained attention is sharp, its softmax
@@ -1120,7 +1088,6 @@ def train(
     progress: bool = True,
     progress_stream: TextIO | None = None,
     device: torch.device | str = "cpu",
-    prefetch: bool = False,
 ) -> Path:
     """Run (or resume) `recipe` in `out_dir`; return the folder of the exported model (`out_dir/model`).
 
@@ -1130,8 +1097,7 @@ def train(
 
     `device`: where the model trains (batches are made on the CPU and moved). The model is built and
     initialised on the CPU, so every device starts from the same weights; the floats of later steps differ
-    between devices (other kernels), and the shipped model is the CPU run's. `prefetch`: make the next
-    step's batch in a background thread while this one trains (the same batches, so the same run).
+    between devices (other kernels), and the shipped model is the CPU run's.
     """
     import torch
 
@@ -1193,11 +1159,10 @@ def train(
     params = list(model.parameters()) + list(heads.parameters())
     grid = patch_grid(config) if head is not None else None
     model.train()
-    batches = _batches(recipe, step, end, tokenizer, image_size, num_image_tokens, grid, prefetch)
     with _flush_denormals(device.type == "cpu"), open(out / LOG_FILE, "a", encoding="utf-8") as log:
         while step < end:
             t0 = time.monotonic()
-            batch = next(batches)
+            batch = make_batch(recipe, step, tokenizer, image_size, num_image_tokens, grid)
             if device.type != "cpu":
                 batch = batch.to(device)
             losses = compute_losses(

@@ -426,21 +426,6 @@ def test_stop_after_then_resume_equals_one_run(finished_run, tmp_path):
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
 
 
-def test_prefetching_batches_in_a_thread_changes_nothing(finished_run, tmp_path, monkeypatch):
-    """prefetch=True makes each next batch in a background thread: the same batches in the same order (a
-    stopped and resumed prefetching run included), so the same weights as the plain run."""
-    made = []
-    real = T.make_batch
-    monkeypatch.setattr(T, "make_batch", lambda r, step, *a: made.append(step) or real(r, step, *a))
-    out = tmp_path / "prefetched"
-    T.train(recipe(), out, stop_after=5, progress=False, prefetch=True)
-    assert made == list(range(5))  # no batch made past the stop
-    T.train(recipe(), out, progress=False, prefetch=True)
-    assert made == list(range(5)) + list(range(5, STEPS))
-    resumed, uninterrupted = model_state(out), model_state(finished_run)
-    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
-
-
 def test_a_folder_of_another_recipe_is_refused(finished_run):
     with pytest.raises(ValueError, match=r"another recipe \(differs in \['lr'\]\).*new --out"):
         T.train(T.get_recipe("test", steps=STEPS, lr=1e-4), finished_run, progress=False)
