@@ -205,12 +205,13 @@ class Recipe:
 
 
 RECIPES: dict[str, Callable[[], Recipe]] = {
-    # the built-in default model: preset "small", ~53 minutes on 2 CPU cores (3,400 steps of ~0.93 s; each
-    # step 16 scenes x 8 samples behind a shared image prefix), the mixture shifted from REC and captions
-    # towards REG and VQA, where the model was weakest
+    # the built-in default model: preset "small", ~52 minutes on 2 CPU cores (2,500 steps of ~1.25 s; each
+    # step 32 scenes x 4 samples behind a shared image prefix: new scenes teach more than more samples of a
+    # scene, docs/DEFAULT_MODEL.md), the mixture shifted from REC and captions towards REG and VQA
     "default": lambda: Recipe(
-        steps=3400,
-        samples_per_scene=8,
+        steps=2500,
+        scenes_per_step=32,
+        samples_per_scene=4,
         share_prefix=True,
         mixture={
             "grounded_caption": 0.2,
