@@ -476,9 +476,6 @@ class SlotTargets:
     group: torch.Tensor
     place: torch.Tensor
 
-    def to(self, device: torch.device | str) -> SlotTargets:
-        return _move(self, device)
-
 
 def slot_targets(scenes: Sequence[Any], grid: int, num_slots: int) -> SlotTargets:
     """Targets of the slot loss from the scenes' true boxes. The model sees each scene resized to a square
@@ -674,9 +671,6 @@ class Chunk:
     # have in a row of their own, and image_mask is all False; None = one sample a row, prefix included
     positions: torch.Tensor | None = None
 
-    def to(self, device: torch.device | str) -> Chunk:
-        return _move(self, device)
-
 
 @dataclass
 class Prefix:
@@ -686,13 +680,10 @@ class Prefix:
     input_ids: torch.Tensor
     image_mask: torch.Tensor
 
-    def to(self, device: torch.device | str) -> Prefix:
-        return _move(self, device)
-
 
 def _move(data: Any, device: torch.device | str) -> Any:
-    """A copy of the dataclass `data` with its tensors (and the dataclasses and lists of them it holds) on
-    `device`."""
+    """A copy of the dataclass `data` with its tensors on `device`, those of the dataclasses and lists it
+    holds (chunks, prefix, slot targets) included."""
     import torch
 
     def move(value: Any) -> Any:

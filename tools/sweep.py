@@ -32,8 +32,8 @@ def job(out: Path, recipe_name: str, overrides: dict, device: str, n_per_task: i
     torch.set_num_threads(1)
     T.train(T.get_recipe(recipe_name, **overrides), out, progress=False, device=device)
     return main(
-        ["eval", "synthetic", "--model", str(out / "model"), "--out", str(out / "eval"), "--batch-size", "128",
-         "--device", device, "--n-per-task", str(n_per_task)]
+        ["eval", "synthetic", "--model", str(out / "model"), "--out", str(out / "eval"),
+         "--batch-size", "128", "--device", device, "--n-per-task", str(n_per_task)]
     )  # fmt: skip
 
 
@@ -61,7 +61,9 @@ def table(root: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("variants", nargs="*", help="NAME=JSON: recipe fields to replace, e.g. lr2='{\"lr\": 2e-3}'")
+    p.add_argument(
+        "variants", nargs="*", help="NAME=JSON: recipe fields to replace, e.g. lr2='{\"lr\": 2e-3}'"
+    )
     p.add_argument("--out", type=Path, required=True, help="one folder per variant goes here")
     p.add_argument("--recipe", default="default")
     p.add_argument("--device", default="cuda")
@@ -83,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                 p.error(f"variant {variant!r}: write NAME=JSON object, e.g. base={{}}")
             (args.out / name).mkdir(parents=True, exist_ok=True)
             log = open(args.out / f"{name}.out", "w")
-            cmd = [sys.executable, __file__, "--out", str(args.out), "--recipe", args.recipe,
-                   "--device", args.device, "--n-per-task", str(args.n_per_task), "--job", variant]  # fmt: skip
+            cmd = [sys.executable, __file__, "--out", str(args.out), "--recipe", args.recipe, "--device",
+                   args.device, "--n-per-task", str(args.n_per_task), "--job", variant]  # fmt: skip
             procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
         for name, proc in procs:
             if proc.wait() != 0:
