@@ -125,6 +125,22 @@ def test_console_script_process(tiny_checkpoint_dir, image_files):
     assert "ground" in proc.stdout and "convert" in proc.stdout
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly(tiny_checkpoint_dir, image_files):
+    """`kosmos2 ground IMAGE | head -0`: the pipe's reader is gone before anything is written; the command
+    stops with a shell's SIGPIPE status and no traceback."""
+    exe = shutil.which("kosmos2") or None
+    cmd = [exe] if exe else [sys.executable, "-m", "kosmos2.cli"]
+    proc = subprocess.Popen(
+        [*cmd, "ground", image_files[1], "--model", str(tiny_checkpoint_dir), "--max-new-tokens", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
 def test_draw_markup(tmp_path, capsys):
     Image.new("RGB", (320, 160), (255, 255, 255)).save(tmp_path / "white.png")
     # cell 517 = row 16, col 5; cell 811 = row 25, col 11: different row and column -> cell centres
