@@ -48,7 +48,8 @@ def table(root: Path) -> str:
         r = json.loads(metrics.read_text())["results"]
         t, c = r["test"], r["compositional"]
         log = [json.loads(line) for line in (metrics.parent.parent / "log.jsonl").read_text().splitlines()]
-        loc = sum(x["loss_location"] for x in log[-5:]) / len(log[-5:])
+        tail = [x["loss_location"] for x in log if x["step"] > log[-1]["step"] - 50]
+        loc = sum(tail) / len(tail)
         lines.append(
             f"| {name} | {t['rec']['accuracy']:.3f} / {c['rec']['accuracy']:.3f} "
             f"| {t['phrase_grounding']['R@1']:.3f} "
@@ -74,25 +75,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.job:
         name, overrides = args.job.split("=", 1)
         return job(args.out / name, args.recipe, json.loads(overrides), args.device, args.n_per_task)
+    failed = []
     if not args.table:
-        procs = []
-        for variant in args.variants:
+        from kosmos2.train import get_recipe
+
+        for variant in args.variants:  # every variant checked before any starts
             name, sep, overrides = variant.partition("=")
             try:
-                if not sep or not isinstance(json.loads(overrides), dict):
-                    raise ValueError
-            except ValueError:
-                p.error(f"variant {variant!r}: write NAME=JSON object, e.g. base={{}}")
+                fields = json.loads(overrides) if sep else None
+                if not isinstance(fields, dict):
+                    raise ValueError("write NAME=JSON object, e.g. base={}")
+                get_recipe(args.recipe, **fields)
+            except ValueError as e:
+                p.error(f"variant {variant!r}: {e}")
+        procs = []
+        for variant in args.variants:
+            name = variant.partition("=")[0]
             (args.out / name).mkdir(parents=True, exist_ok=True)
-            log = open(args.out / f"{name}.out", "w")
             cmd = [sys.executable, __file__, "--out", str(args.out), "--recipe", args.recipe, "--device",
                    args.device, "--n-per-task", str(args.n_per_task), "--job", variant]  # fmt: skip
-            procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
+            with open(args.out / f"{name}.out", "w") as log:  # the child keeps its own copy of the handle
+                procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
         for name, proc in procs:
             if proc.wait() != 0:
+                failed.append(name)
                 print(f"variant {name} failed: see {args.out / (name + '.out')}", file=sys.stderr)
     print(table(args.out))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
