@@ -479,42 +479,55 @@ class SlotTargets:
 
 def slot_targets(scenes: Sequence[Any], grid: int, num_slots: int) -> SlotTargets:
     """Targets of the slot loss from the scenes' true boxes. The model sees each scene resized to a square
-    (no crop), so a normalised box maps straight onto the `grid` × `grid` patches."""
+    (no crop), so a normalised box maps straight onto the `grid` × `grid` patches. A slot's object is the
+    one whose box overlaps its patch most (ties go to the later object: it is drawn on top)."""
+    import numpy as np
     import torch
 
     from kosmos2.data import synthetic
 
     colours, shapes = list(synthetic.COLOURS), list(synthetic.SHAPES)
-    patches = slot_patches(num_slots, grid * grid)
+    patches = np.array(slot_patches(num_slots, grid * grid))
+    r, c = np.divmod(patches, grid)
+    px1, py1, px2, py2 = c / grid, r / grid, (c + 1) / grid, (r + 1) / grid  # [Q] float64
+    cx, cy = (c + 0.5) / grid, (r + 0.5) / grid
     S = len(scenes)
-    cover = torch.zeros(S, num_slots)
-    classes = torch.full((5, S, num_slots), -100, dtype=torch.long)
-    box = torch.zeros(S, num_slots, SLOT_BOX_TERMS)
+    cover = np.zeros((S, num_slots), dtype=np.float32)
+    classes = np.full((5, S, num_slots), -100, dtype=np.int64)
+    box = np.zeros((S, num_slots, SLOT_BOX_TERMS), dtype=np.float32)
     for s, scene in enumerate(scenes):
+        if not scene.objects:
+            continue
+        boxes = np.array([o.norm_box for o in scene.objects], dtype=np.float64)  # [n, 4]
+        x1, y1, x2, y2 = (boxes[:, k, None] for k in range(4))  # [n, 1] against the patches [Q]
+        width = np.maximum(0.0, np.minimum(x2, px2) - np.maximum(x1, px1))
+        height = np.maximum(0.0, np.minimum(y2, py2) - np.maximum(y1, py1))
+        area = width * height  # [n, Q]
+        covered = area.max(axis=0) > 0
+        # the last object reaching the largest overlap
+        which = len(scene.objects) - 1 - np.argmax(area[::-1] == area.max(axis=0), axis=0)
+        q = np.flatnonzero(covered)
+        w = which[q]
         twins = synthetic.twin_facts(scene)
-        for q, patch in enumerate(patches):
-            r, c = divmod(patch, grid)
-            px1, py1, px2, py2 = c / grid, r / grid, (c + 1) / grid, (r + 1) / grid
-            which, best_area = None, 0.0
-            for i, o in enumerate(scene.objects):  # later objects are drawn on top: ties go to them
-                x1, y1, x2, y2 = o.norm_box
-                area = max(0.0, min(x2, px2) - max(x1, px1)) * max(0.0, min(y2, py2) - max(y1, py1))
-                if area > 0 and area >= best_area:
-                    which, best_area = i, area
-            if which is None:
-                continue
-            best = scene.objects[which]
-            cover[s, q] = 1.0
-            classes[0, s, q] = colours.index(best.colour)
-            classes[1, s, q] = shapes.index(best.shape)
-            classes[2, s, q] = synthetic.SIZES.index(best.size)
-            count, place = twins[which]
-            classes[3, s, q] = min(count, GROUP_CLASSES) - 1
-            classes[4, s, q] = PLACE_CLASSES.index(place)
-            cx, cy = (c + 0.5) / grid, (r + 0.5) / grid
-            x1, y1, x2, y2 = best.norm_box
-            box[s, q] = torch.tensor([x1 - cx, y1 - cy, x2 - cx, y2 - cy]) * grid
-    return SlotTargets(cover, *classes[:3], box, *classes[3:])
+        per_object = np.array(
+            [
+                (
+                    colours.index(o.colour),
+                    shapes.index(o.shape),
+                    synthetic.SIZES.index(o.size),
+                    min(count, GROUP_CLASSES) - 1,
+                    PLACE_CLASSES.index(place),
+                )
+                for o, (count, place) in zip(scene.objects, twins, strict=True)
+            ],
+            dtype=np.int64,
+        )  # [n, 5]
+        cover[s, q] = 1.0
+        classes[:, s, q] = per_object[w].T
+        relative = boxes[w] - np.stack([cx[q], cy[q], cx[q], cy[q]], axis=1)  # float64, then float32 × grid
+        box[s, q] = relative.astype(np.float32) * np.float32(grid)
+    classes_t = torch.from_numpy(classes)
+    return SlotTargets(torch.from_numpy(cover), *classes_t[:3], torch.from_numpy(box), *classes_t[3:])
 
 
 def slot_loss(head: torch.nn.Linear, slots: torch.Tensor, targets: SlotTargets) -> torch.Tensor:
