@@ -101,6 +101,65 @@ def test_targets_table_by_hand() -> None:
     assert "| compositional | REC Acc@0.5 | ≥ 0.85 | — | — | not measured |" in table
 
 
+def test_reg_mistakes_name_the_wrong_parts() -> None:
+    ref = "the small red circle on the left"
+    assert synthetic.reg_mistakes("The small  red circle on the left.", ref) == []
+    assert synthetic.reg_mistakes("the small red circle", ref) == ["position"]  # the twin left out
+    assert synthetic.reg_mistakes("the small red circle at the top", ref) == ["position"]
+    assert synthetic.reg_mistakes("the large red square on the left", ref) == ["size", "shape"]
+    assert synthetic.reg_mistakes("the small blue circle on the right", "the small red circle") == [
+        "colour",
+        "position",
+    ]
+    broken = ("", "a small red circle", "the small red", "the tiny red circle", "the small red circle x")
+    for text in broken:
+        assert synthetic.reg_mistakes(text, ref) == ["form"], text
+    with pytest.raises(ValueError, match="not a canonical description"):
+        synthetic.reg_mistakes("the small red circle", "it is red")
+
+
+def _reg_record(answer: str, reference: str) -> dict[str, Any]:
+    ok = metrics.normalize_answer(answer) == metrics.normalize_answer(reference)
+    return {"correct": ok, "mistakes": synthetic.reg_mistakes(answer, reference)}
+
+
+def _caption_record(matched: int, predicted: int, boxes_per_entity: list[int]) -> dict[str, Any]:
+    true = [["x", [[0, 0, 1, 1]] * k] for k in boxes_per_entity]
+    return {
+        "pairs_matched": matched,
+        "pairs_predicted": predicted,
+        "pairs_true": sum(boxes_per_entity),
+        "truth_entities": true,
+        "correct": matched == predicted == sum(boxes_per_entity),
+        "caption_exact": False,
+    }
+
+
+def test_reg_and_caption_summaries_by_hand() -> None:
+    reg = synthetic.summarize_task(
+        "reg",
+        [
+            _reg_record("the small red circle", "the small red circle"),
+            _reg_record("the small red circle", "the small red circle on the left"),
+            _reg_record("the small red square", "the small red circle on the left"),
+            _reg_record("red", "the large blue star"),
+        ],
+    )
+    assert reg["exact_match"] == 0.25
+    assert reg["mistakes"] == {"size": 0, "colour": 0, "shape": 1, "position": 2, "form": 1}
+    # two captions with a group (2 + 1 and 3 true pairs), one without (2 true pairs)
+    cap = synthetic.summarize_task(
+        "grounded_caption",
+        [_caption_record(1, 3, [2, 1]), _caption_record(3, 3, [3]), _caption_record(2, 2, [1, 1])],
+    )
+    assert (cap["matched"], cap["predicted"], cap["true"]) == (6, 8, 8)
+    groups = cap["by_groups"]
+    assert groups["with"]["n"] == 2 and groups["with"]["precision"] == pytest.approx(4 / 6)
+    assert groups["with"]["recall"] == pytest.approx(4 / 6)
+    assert groups["without"] == {"n": 1, **metrics.precision_recall([metrics.PairCounts(2, 2, 2)])}
+    assert groups["without"]["precision"] == 1.0
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The world's queries and prompts
 
@@ -256,6 +315,10 @@ def test_known_mistakes_give_the_numbers_the_samples_imply(tmp_path) -> None:
         assert cap["precision"] == 1.0 and cap["recall"] == pytest.approx(kept / true)
         assert cap["caption_exact"] == 1.0 and cap["all_entities"] == 0.0
         assert res["reg"]["exact_match"] == 1.0
+        assert res["reg"]["mistakes"] == {"size": 0, "colour": 0, "shape": 0, "position": 0, "form": 0}
+        by_groups = cap["by_groups"]
+        assert by_groups["with"]["n"] + by_groups["without"]["n"] == N
+        assert by_groups["with"]["true"] + by_groups["without"]["true"] == true
         assert res["grounded_vqa"]["accuracy"] == pytest.approx((N - 1) / N)
         assert res["vqa"]["accuracy"] == 1.0
     assert not (tmp_path / "o" / "examples").exists()

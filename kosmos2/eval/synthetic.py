@@ -28,8 +28,11 @@ What is scored (metrics.py has the functions; all values are fractions in [0, 1]
                       whitespace collapsed, trailing period dropped) and its box is paired one-to-one with a
                       true box of that phrase at IoU ≥ 0.5 (maximum matching); precision over all predicted
                       pairs, recall over all true pairs, summed over the split first (micro average). Also:
-                      the share of captions with every pair right and none extra, and caption-text exact match
-    reg               exact match of the generated description with the world's canonical one (normalised)
+                      the share of captions with every pair right and none extra, caption-text exact match,
+                      and P/R apart for captions with and without a group of identical objects
+    reg               exact match of the generated description with the world's canonical one (normalised);
+                      misses counted by the part that is wrong (size, colour, shape, the position word that
+                      tells twins apart, or not of the form "the <size> <colour> <shape>[ <position>]")
     vqa, grounded_vqa accuracy: exact match of the normalised answer; by question kind
     caption           exact match of the plain caption (normalised; not in the default task list)
 
@@ -394,7 +397,7 @@ def score_world(item: WorldQuery, prediction: Any) -> dict[str, Any]:
         }
     # text answers: the plain caption is the prompt + continuation, the others the continuation alone
     answer = prediction.caption if task == "caption" else prediction.answer
-    return {
+    record = {
         **common,
         "truth": [list(b) for b in truth],
         "answer": answer,
@@ -402,6 +405,40 @@ def score_world(item: WorldQuery, prediction: Any) -> dict[str, Any]:
         "kind": s.get("kind"),
         "correct": metrics.normalize_answer(answer) == metrics.normalize_answer(s["answer"]),
     }
+    if task == "reg":
+        record["mistakes"] = reg_mistakes(answer, s["answer"])
+    return record
+
+
+REG_PARTS = ("size", "colour", "shape", "position")
+
+
+def _reg_parts(text: str) -> tuple[str, str, str, str] | None:
+    """(size, colour, shape, position) of a REG answer "the small red circle[ on the left]"; None when the
+    text is not of that form."""
+    from kosmos2.data import synthetic as world
+
+    words = metrics.normalize_answer(text).split()
+    if len(words) < 4 or words[0] != "the":
+        return None
+    size, colour, shape, position = words[1], words[2], words[3], " ".join(words[4:])
+    if size not in world.SIZES or colour not in world.COLOURS or shape not in world.SHAPES:
+        return None
+    if position and position not in world.EXTREMES:
+        return None
+    return size, colour, shape, position
+
+
+def reg_mistakes(answer: str, reference: str) -> list[str]:
+    """Which parts of a REG answer differ from the world's canonical one: some of REG_PARTS ("position" is
+    the word that tells an object from its identical twins, "on the left", or its absence), or ["form"]
+    when the answer is not "the <size> <colour> <shape>[ <position>]". [] when they agree."""
+    said, true = _reg_parts(answer), _reg_parts(reference)
+    if true is None:
+        raise ValueError(f"REG reference {reference!r} is not a canonical description of the world")
+    if said is None:
+        return ["form"]
+    return [part for part, a, b in zip(REG_PARTS, said, true, strict=True) if a != b]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -454,18 +491,36 @@ def summarize_task(task: str, records: Sequence[Mapping[str, Any]]) -> dict[str,
             "no_box": sum(not r["decoded"] for r in records),
         }
     if task == "grounded_caption":
-        pr = metrics.precision_recall(
-            metrics.PairCounts(r["pairs_matched"], r["pairs_predicted"], r["pairs_true"]) for r in records
-        )
+
+        def pairs(rs: Sequence[Mapping[str, Any]]) -> dict[str, float | int]:
+            return metrics.precision_recall(
+                metrics.PairCounts(r["pairs_matched"], r["pairs_predicted"], r["pairs_true"]) for r in rs
+            )
+
+        # scenes with a group of identical objects ("two large blue squares": one phrase, several boxes)
+        grouped = [r for r in records if any(len(boxes) > 1 for _, boxes in r["truth_entities"])]
+        single = [r for r in records if not any(len(boxes) > 1 for _, boxes in r["truth_entities"])]
         return {
             "n": n,
-            **pr,
+            **pairs(records),
             "all_entities": _share([r["correct"] for r in records]),
             "caption_exact": _share([r["caption_exact"] for r in records]),
+            "by_groups": {
+                "with": {"n": len(grouped), **pairs(grouped)},
+                "without": {"n": len(single), **pairs(single)},
+            },
         }
     if task in ("vqa", "grounded_vqa"):
         return {"n": n, "accuracy": _share([r["correct"] for r in records]), "by_kind": _by(records, "kind")}
-    return {"n": n, "exact_match": _share([r["correct"] for r in records])}  # reg, caption
+    if task == "reg":
+        missed = [r["mistakes"] for r in records if not r["correct"]]
+        return {
+            "n": n,
+            "exact_match": _share([r["correct"] for r in records]),
+            # misses with that part wrong (a miss may count under several parts)
+            "mistakes": {part: sum(part in m for m in missed) for part in (*REG_PARTS, "form")},
+        }
+    return {"n": n, "exact_match": _share([r["correct"] for r in records])}  # caption
 
 
 def summarize_world(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -715,10 +770,19 @@ def _results_table(by_task: Mapping[str, Mapping[str, Any]]) -> str:
             main = f"precision {_f3(s['precision'])}, recall {_f3(s['recall'])}"
             more = (
                 f"F1 {_f3(s['f1'])}, pairs {s['matched']}/{s['predicted']} predicted, {s['true']} true; "
-                f"all right {_f3(s['all_entities'])}, caption text exact {_f3(s['caption_exact'])}"
+                f"all right {_f3(s['all_entities'])}, caption text exact {_f3(s['caption_exact'])}; "
+                + "; ".join(
+                    f"{'with' if which == 'with' else 'no'} group of identical objects: {g['n']} captions, "
+                    f"P/R {_f3(g['precision'])}/{_f3(g['recall'])}"
+                    for which, g in s["by_groups"].items()
+                )
             )
         elif task in ("vqa", "grounded_vqa"):
-            main, more = f"accuracy {_f3(s['accuracy'])}", ""
+            main = f"accuracy {_f3(s['accuracy'])}"
+            more = ", ".join(f"{kind} {_f3(k['accuracy'])}" for kind, k in s["by_kind"].items())
+        elif task == "reg":
+            main = f"exact match {_f3(s['exact_match'])}"
+            more = "misses with a wrong " + ", ".join(f"{part} {k}" for part, k in s["mistakes"].items())
         else:
             main, more = f"exact match {_f3(s['exact_match'])}", ""
         rows.append([TASK_NAMES[task], s["n"], main, more])
