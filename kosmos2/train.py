@@ -205,11 +205,11 @@ class Recipe:
 
 
 RECIPES: dict[str, Callable[[], Recipe]] = {
-    # the built-in default model: preset "small", ~52 minutes on 2 CPU cores (2,500 steps of ~1.25 s; each
+    # the built-in default model: preset "small", ~55 minutes on 2 CPU cores (2,600 steps of ~1.25 s; each
     # step 32 scenes x 4 samples behind a shared image prefix: new scenes teach more than more samples of a
     # scene, docs/DEFAULT_MODEL.md), the mixture shifted from REC and captions towards REG and VQA
     "default": lambda: Recipe(
-        steps=2500,
+        steps=2600,
         scenes_per_step=32,
         samples_per_scene=4,
         share_prefix=True,
