@@ -503,10 +503,10 @@ def slot_targets(scenes: Sequence[Any], grid: int, num_slots: int) -> SlotTarget
         width = np.maximum(0.0, np.minimum(x2, px2) - np.maximum(x1, px1))
         height = np.maximum(0.0, np.minimum(y2, py2) - np.maximum(y1, py1))
         area = width * height  # [n, Q]
-        covered = area.max(axis=0) > 0
+        largest = area.max(axis=0)
         # the last object reaching the largest overlap
-        which = len(scene.objects) - 1 - np.argmax(area[::-1] == area.max(axis=0), axis=0)
-        q = np.flatnonzero(covered)
+        which = len(scene.objects) - 1 - np.argmax(area[::-1] == largest, axis=0)
+        q = np.flatnonzero(largest > 0)
         w = which[q]
         twins = synthetic.twin_facts(scene)
         per_object = np.array(

@@ -498,8 +498,10 @@ def summarize_task(task: str, records: Sequence[Mapping[str, Any]]) -> dict[str,
             )
 
         # scenes with a group of identical objects ("two large blue squares": one phrase, several boxes)
-        grouped = [r for r in records if any(len(boxes) > 1 for _, boxes in r["truth_entities"])]
-        single = [r for r in records if not any(len(boxes) > 1 for _, boxes in r["truth_entities"])]
+        by_groups: dict[bool, list[Mapping[str, Any]]] = {True: [], False: []}
+        for r in records:
+            by_groups[any(len(boxes) > 1 for _, boxes in r["truth_entities"])].append(r)
+        grouped, single = by_groups[True], by_groups[False]
         return {
             "n": n,
             **pairs(records),
