@@ -397,7 +397,8 @@ class TextTransformer(nn.Module):
         image_embeds: Tensor,
         image_mask: Tensor,
         samples: list[tuple[Tensor, Tensor, Tensor]],
-    ) -> tuple[Tensor, list[Tensor]]:
+        tap: int | None = None,
+    ) -> tuple[Tensor, list[Tensor], Tensor | None]:
         """Training with a shared prefix: several samples continue each image prefix, and the prefix is run
         once. Each sample row computes exactly what it would as the continuation of its prefix in a row of
         its own (the prefix's keys and values are the same), for a fraction of the tokens and attention.
@@ -405,7 +406,8 @@ class TextTransformer(nn.Module):
         prefix_ids [S,P] (no padding: all prefixes one length), image_mask [S,P] marking the image slots,
         image_embeds [S,N,C]; samples: chunks of (ids [R,L] right-padded, positions [R,L], index [R] = the
         prefix row each continues). Returns hidden states after the final LayerNorm: prefix [S,P,C] and
-        one [R,L,C] per chunk.
+        one [R,L,C] per chunk; and with `tap` = k the prefix's residual stream after its first k blocks
+        [S,P,C] (what block k + 1 reads; training's count read-out), else None.
         """
         S, P = prefix_ids.shape
         device = prefix_ids.device
@@ -422,13 +424,19 @@ class TextTransformer(nn.Module):
             layout.index.append(index)
             layout.masks.append(mask[None, None])
         x = torch.cat([t.flatten(0, 1) for t in pieces])  # [N, C]
-        for layer in self.layers:
+        if tap is not None and not 0 <= tap <= len(self.layers):
+            n = len(self.layers)
+            raise ValueError(f"tap={tap}: the decoder has {n} blocks; use 0 to {n}")
+        tapped = x[: S * P].view(S, P, -1) if tap == 0 else None
+        for k, layer in enumerate(self.layers, 1):
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer.forward_shared, x, layout, use_reentrant=False)
             else:
                 x = layer.forward_shared(x, layout)
+            if k == tap:
+                tapped = x[: S * P].view(S, P, -1)
         out = layout.split(self.layer_norm(x))
-        return out[0], out[1:]
+        return out[0], out[1:], tapped
 
 
 class TextDecoder(nn.Module):

@@ -141,6 +141,14 @@ class Recipe:
     # themselves know colour, shape and size), but at weight 1 it made the boxes worse
     # (docs/DEFAULT_MODEL.md); 0 = off. Needs share_prefix and one slot per patch
     pointer_loss_weight: float = 0.0
+    # auxiliary count loss, training only (build_count_head; not exported): a linear read-out of the
+    # decoder's residual stream at `</image>` after its first `count_layer` blocks predicts how many objects
+    # of each (size, colour, shape) the scene holds (count_targets; squared error). Where the blocks after it
+    # can read it, so that "two large orange circles", REG's twin suffix and VQA's counts have one place to
+    # look; a uniform attention over slots that mark their object's kind gives these counts. 0 = off. Needs
+    # share_prefix
+    count_loss_weight: float = 0.0
+    count_layer: int = 2
     checkpoint_every: int = 100
     log_every: int = 10
     export_dtype: str = "bfloat16"  # dtype of the exported model/ weights
@@ -179,6 +187,13 @@ class Recipe:
             raise ValueError(
                 "recipe pointer_loss_weight > 0 needs share_prefix=True (it reads the prefix's slots)"
             )
+        if not self.count_loss_weight >= 0 or isinstance(self.count_layer, bool) or self.count_layer < 0:
+            raise ValueError(
+                f"recipe count_loss_weight must be >= 0 and count_layer >= 0, got {self.count_loss_weight}, "
+                f"{self.count_layer}"
+            )
+        if self.count_loss_weight > 0 and not self.share_prefix:
+            raise ValueError("recipe count_loss_weight > 0 needs share_prefix=True (it reads the prefix)")
         if self.loss_on not in ("target", "all"):
             raise ValueError(f"recipe loss_on {self.loss_on!r}: use 'target' or 'all'")
         if self.share_prefix and self.loss_on != "target":
@@ -562,6 +577,45 @@ def slot_loss(head: torch.nn.Linear, slots: torch.Tensor, targets: SlotTargets) 
     return loss
 
 
+def count_kinds() -> list[tuple[str, str, str]]:
+    """The (size, colour, shape) kinds the count read-out counts, in its output order."""
+    from kosmos2.data import synthetic
+
+    return [(z, c, h) for z in synthetic.SIZES for c in synthetic.COLOURS for h in synthetic.SHAPES]
+
+
+def count_targets(scenes: Sequence[Any]) -> torch.Tensor:
+    """[S, K] float: how many objects of each `count_kinds()` kind each scene holds."""
+    import torch
+
+    index = {kind: k for k, kind in enumerate(count_kinds())}
+    counts = torch.zeros(len(scenes), len(index))
+    for s, scene in enumerate(scenes):
+        for o in scene.objects:
+            counts[s, index[(o.size, o.colour, o.shape)]] += 1
+    return counts
+
+
+def build_count_head(recipe: Recipe, model: Kosmos2) -> torch.nn.Linear | None:
+    """The linear read-out of the auxiliary count loss (None when the recipe has none); training only."""
+    import torch
+
+    if recipe.count_loss_weight == 0:
+        return None
+    if recipe.count_layer > model.config.text.layers:
+        raise ValueError(
+            f"recipe count_layer {recipe.count_layer}: preset {recipe.preset!r} has "
+            f"{model.config.text.layers} decoder blocks; use 0 to {model.config.text.layers}"
+        )
+    return torch.nn.Linear(model.config.text.width, len(count_kinds()))
+
+
+def count_loss(head: torch.nn.Linear, state: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Squared error of the read counts, summed over the kinds and averaged over the scenes: state [S, C]
+    (each scene's `</image>` after `count_layer` blocks), counts [S, K] (`count_targets`)."""
+    return (head(state.float()) - counts).pow(2).sum(-1).mean()
+
+
 POINTER_WIDTH = 64  # query/key width of the pointer read-out
 
 
@@ -727,6 +781,7 @@ class Batch:
     tasks: list[str]
     location_start: int  # the first location token's id: targets >= it are location tokens
     slots: SlotTargets | None = None  # targets of the auxiliary slot loss, when asked for
+    counts: torch.Tensor | None = None  # targets of the auxiliary count loss [S, K], when asked for
     prefix: Prefix | None = None  # the shared image prefixes (Recipe.share_prefix)
 
     @property
@@ -776,12 +831,14 @@ def make_batch(
     image_size: int,
     num_image_tokens: int,
     grid: int | None = None,
+    counts: bool = False,
 ) -> Batch:
     """Render, preprocess and tokenise the samples of `step` (see `batch_samples`).
 
     Scenes are rendered at their native size and resized by `kosmos2.image.preprocess`, exactly as an image
     reaches the model at inference. Each row is `tokenizer.encode_for_training(prompt, target)`. With `grid`
-    (patches per side) the batch also carries the targets of the auxiliary slot loss (`slot_targets`).
+    (patches per side) the batch also carries the targets of the auxiliary slot loss (`slot_targets`), with
+    `counts` those of the count loss (`count_targets`).
     """
     import torch
 
@@ -836,6 +893,7 @@ def make_batch(
         location_start=tokenizer.patch_index_offset,
         slots=slots,
         prefix=prefix,
+        counts=count_targets([scene for scene, _ in scenes]) if counts else None,
     )
 
 
@@ -872,12 +930,17 @@ def compute_losses(
     slot_weight: float = 1.0,
     pointer: torch.nn.ModuleDict | None = None,
     pointer_weight: float = 1.0,
+    counter: torch.nn.Linear | None = None,
+    count_weight: float = 1.0,
+    count_layer: int = 2,
 ) -> dict[str, torch.Tensor]:
     """The losses of one batch: "lm", the mean cross-entropy over all target tokens of the batch;
     "location", the same over its location tokens only (a diagnostic; chance is ln 1024 = 6.93); with a slot
     read-out `head` and `batch.slots`, "slots", the auxiliary slot loss (`slot_loss`); with a `pointer` head
-    (a shared prefix only), "pointer", the mean pointer loss per box (`pointer_loss`); "loss", what training
-    minimises: lm + slot_weight * slots + pointer_weight * pointer.
+    (a shared prefix only), "pointer", the mean pointer loss per box (`pointer_loss`); with a `counter` and
+    `batch.counts` (a shared prefix only), "counts", the count loss (`count_loss`) read at `</image>` after
+    `count_layer` blocks; "loss", what training minimises: lm + slot_weight * slots + pointer_weight * pointer
+    + count_weight * counts.
 
     The image encoder runs once per scene; each chunk's rows take their scene's embeddings.
     """
@@ -896,8 +959,10 @@ def compute_losses(
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         embeds = model.encode_image(batch.pixel_values)  # [S, Q, C]
         if batch.prefix is None:
-            if pointer is not None:
-                raise ValueError("the pointer loss needs a shared prefix (Recipe.share_prefix=True)")
+            if pointer is not None or counter is not None:
+                raise ValueError(
+                    "the pointer and count losses need a shared prefix (Recipe.share_prefix=True)"
+                )
             hidden = [
                 decoder.model(
                     chunk.input_ids,
@@ -910,11 +975,12 @@ def compute_losses(
             ]
         else:
             prefix = batch.prefix
-            shared, hidden = decoder.model.forward_shared(
+            shared, hidden, tapped = decoder.model.forward_shared(
                 prefix.input_ids,
                 embeds,
                 prefix.image_mask,
                 [(c.input_ids, c.positions, c.image_index) for c in batch.chunks],
+                tap=count_layer if counter is not None else None,
             )
             if pointer is not None:
                 slot_states = shared[prefix.image_mask].view(*embeds.shape[:2], -1)  # [S, Q, C]
@@ -941,6 +1007,9 @@ def compute_losses(
     if pointer is not None:
         losses["pointer"] = pointed / max(pointer_count, 1)
         losses["loss"] = losses["loss"] + pointer_weight * losses["pointer"]
+    if counter is not None and batch.counts is not None:
+        losses["counts"] = count_loss(counter, tapped[:, -1], batch.counts)  # </image> ends the prefix
+        losses["loss"] = losses["loss"] + count_weight * losses["counts"]
     return losses
 
 
@@ -1136,7 +1205,8 @@ def train(
     model = build_model(recipe, tokenizer)
     head = build_slot_head(recipe, model)
     pointer = build_pointer_head(recipe, model)
-    heads = torch.nn.ModuleList([m for m in (head, pointer) if m is not None])
+    counter = build_count_head(recipe, model)
+    heads = torch.nn.ModuleList([m for m in (head, pointer, counter) if m is not None])
     model.to(device)
     heads.to(device)
     optimizer = make_optimizer(model, recipe, heads)
@@ -1150,6 +1220,8 @@ def train(
             head.load_state_dict(state["slot_head"])
         if pointer is not None:
             pointer.load_state_dict(state["pointer_head"])
+        if counter is not None:
+            counter.load_state_dict(state["count_head"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
@@ -1167,11 +1239,22 @@ def train(
     with _flush_denormals(device.type == "cpu"), open(out / LOG_FILE, "a", encoding="utf-8") as log:
         while step < end:
             t0 = time.monotonic()
-            batch = make_batch(recipe, step, tokenizer, image_size, num_image_tokens, grid)
+            batch = make_batch(
+                recipe, step, tokenizer, image_size, num_image_tokens, grid, counts=counter is not None
+            )
             if device.type != "cpu":
                 batch = batch.to(device)
             losses = compute_losses(
-                model, batch, recipe.bf16, head, recipe.slot_loss_weight, pointer, recipe.pointer_loss_weight
+                model,
+                batch,
+                recipe.bf16,
+                head,
+                recipe.slot_loss_weight,
+                pointer,
+                recipe.pointer_loss_weight,
+                counter,
+                recipe.count_loss_weight,
+                recipe.count_layer,
             )
             loss = losses["loss"]
             optimizer.zero_grad(set_to_none=True)
@@ -1214,6 +1297,7 @@ def train(
                     "model": model.state_dict(),
                     "slot_head": head.state_dict() if head is not None else None,
                     "pointer_head": pointer.state_dict() if pointer is not None else None,
+                    "count_head": counter.state_dict() if counter is not None else None,
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "rng": _rng_state(),

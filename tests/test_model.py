@@ -310,7 +310,12 @@ def test_forward_shared_equals_each_sample_in_its_own_row():
         samples.append((ids, positions, torch.tensor([scenes[i] for i in chunk])))
     with torch.no_grad():
         embeds = model.encode_image(_pixels(config, 2))
-        shared, hidden = decoder.forward_shared(prefix, embeds, prefix_mask, samples)
+        shared, hidden, tapped = decoder.forward_shared(prefix, embeds, prefix_mask, samples, tap=1)
+        # the tap: the prefix's residual stream after the first block, worked out with the plain blocks
+        for s in range(2):
+            ids = prefix[s : s + 1]
+            x = decoder.embed(ids, make_positions(ids), embeds[s : s + 1], prefix_mask[s : s + 1])
+            assert (tapped[s] - decoder.layers[0](x, None)[0]).abs().max() <= 1e-5
         for chunk, h in zip(chunks, hidden, strict=True):
             for r, i in enumerate(chunk):
                 ids = torch.tensor([row[:P] + tails[i]])
@@ -320,9 +325,12 @@ def test_forward_shared_equals_each_sample_in_its_own_row():
                 assert (shared[scenes[i]] - alone[0, :P]).abs().max() <= 1e-5
     decoder.gradient_checkpointing = True
     model.train()
-    again = decoder.forward_shared(prefix, embeds, prefix_mask, samples)
-    for a, b in zip([shared, *hidden], [again[0], *again[1]], strict=True):
+    again = decoder.forward_shared(prefix, embeds, prefix_mask, samples, tap=1)
+    for a, b in zip([shared, *hidden, tapped], [again[0], *again[1], again[2]], strict=True):
         assert (a - b.detach()).abs().max() <= 1e-6
+    assert decoder.forward_shared(prefix, embeds, prefix_mask, samples)[2] is None
+    with pytest.raises(ValueError, match="tap=9"):
+        decoder.forward_shared(prefix, embeds, prefix_mask, samples, tap=9)
 
 
 def test_fresh_model_initialisation():

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from kosmos2 import grounding
 from kosmos2 import train as T
 from kosmos2.data import synthetic
+from kosmos2.model import make_positions
 from kosmos2.tokenizer import Kosmos2Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -757,3 +758,76 @@ def test_pointer_loss_run_logs_it_and_resumes_to_the_same_weights(tmp_path):
     tiny = recipe(share_prefix=True, pointer_loss_weight=1.0)
     with pytest.raises(ValueError, match="one image slot per patch"):
         T.train(tiny, tmp_path / "tiny", progress=False)
+
+
+def test_count_targets_by_hand():
+    scene = _scene_of(
+        ("circle", "red", "small", (0.0, 0.0, 0.2, 0.2)),
+        ("square", "blue", "large", (0.3, 0.6, 0.7, 0.9)),
+        ("circle", "red", "small", (0.8, 0.0, 1.0, 0.2)),
+    )
+    kinds = T.count_kinds()
+    assert len(kinds) == 2 * 6 * 6 and len(set(kinds)) == len(kinds)
+    counts = T.count_targets([scene, _scene_of()])
+    assert counts.shape == (2, len(kinds))
+    assert counts[0, kinds.index(("small", "red", "circle"))] == 2
+    assert counts[0, kinds.index(("large", "blue", "square"))] == 1
+    assert counts[0].sum() == 3 and counts[1].sum() == 0
+
+
+@torch.no_grad()
+def test_count_loss_is_the_squared_error_summed_over_kinds():
+    head = torch.nn.Linear(3, 2)
+    head.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]))
+    head.bias.zero_()
+    state = torch.tensor([[1.0, 1.0, 5.0], [0.0, 0.5, 5.0]])  # reads (1, 2) and (0, 1)
+    counts = torch.tensor([[1.0, 0.0], [2.0, 1.0]])
+    # scene 0: 0 + 4; scene 1: 4 + 0; mean over scenes 4
+    assert float(T.count_loss(head, state, counts)) == pytest.approx(4.0)
+
+
+def test_count_loss_recipe_checks():
+    with pytest.raises(ValueError, match="count_loss_weight > 0 needs share_prefix"):
+        recipe(count_loss_weight=1.0)
+    with pytest.raises(ValueError, match="count_loss_weight must be >= 0"):
+        recipe(share_prefix=True, count_loss_weight=-1.0)
+
+
+def test_count_loss_reads_the_tap_at_the_end_of_the_prefix(finished_run, tokenizer):
+    """compute_losses' "counts" is count_loss on `</image>` after `count_layer` blocks, worked out here from
+    a plain forward of one scene's own rows (no shared prefix)."""
+    r = recipe(share_prefix=True, count_loss_weight=0.5, count_layer=1)
+    model = T.build_model(r, tokenizer).eval()
+    config = model.config
+    batch = T.make_batch(r, 0, tokenizer, config.vision.image_size, config.latent_query_num, counts=True)
+    counter = T.build_count_head(r, model)
+    with torch.no_grad():
+        losses = T.compute_losses(model, batch, False, None, 1.0, None, 1.0, counter, 0.5, 1)
+        decoder = model.text_model.model
+        embeds = model.encode_image(batch.pixel_values)
+        ids, mask = batch.prefix.input_ids, batch.prefix.image_mask
+        x = decoder.embed(ids, make_positions(ids), embeds, mask)
+        x = decoder.layers[0](x, None)
+        expected = T.count_loss(counter, x[:, -1], batch.counts)
+    assert batch.counts.shape == (len(batch.prefix.input_ids), len(T.count_kinds()))
+    assert float(losses["counts"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(losses["loss"]) == pytest.approx(float(losses["lm"] + 0.5 * losses["counts"]), rel=1e-5)
+    too_deep = T.get_recipe("test", share_prefix=True, count_loss_weight=1.0, count_layer=99)
+    with pytest.raises(ValueError, match="count_layer 99"):
+        T.build_count_head(too_deep, model)
+
+
+def test_count_loss_run_logs_it_and_resumes_to_the_same_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    r = T.get_recipe("test", share_prefix=True, count_loss_weight=0.2, steps=4)
+    T.train(r, tmp_path / "whole", progress=False)
+    T.train(r, tmp_path / "parts", stop_after=2, progress=False)
+    T.train(r, tmp_path / "parts", progress=False)
+    log = [json.loads(line) for line in (tmp_path / "whole" / T.LOG_FILE).read_text().splitlines()]
+    assert all(math.isfinite(r["loss_counts"]) and r["loss_counts"] > 0 for r in log)
+    whole = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    parts = load_file(tmp_path / "parts" / "model" / "model.safetensors")
+    assert whole.keys() == parts.keys() and not any("count" in k for k in whole)
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, parts[name]), name
