@@ -149,6 +149,10 @@ class Recipe:
     # share_prefix
     count_loss_weight: float = 0.0
     count_layer: int = 2
+    # exponential moving average of the weights, exported instead of the last step's (0 = off): after each
+    # step ema += (1 - d) * (weights - ema) with d = min(ema_decay, (1 + step) / (10 + step)); the checkpoint
+    # keeps both, so a resumed run ends the same
+    ema_decay: float = 0.0
     checkpoint_every: int = 100
     log_every: int = 10
     export_dtype: str = "bfloat16"  # dtype of the exported model/ weights
@@ -192,6 +196,8 @@ class Recipe:
                 f"recipe count_loss_weight must be >= 0 and count_layer >= 0, got {self.count_loss_weight}, "
                 f"{self.count_layer}"
             )
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"recipe ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.count_loss_weight > 0 and not self.share_prefix:
             raise ValueError("recipe count_loss_weight > 0 needs share_prefix=True (it reads the prefix)")
         if self.loss_on not in ("target", "all"):
@@ -1212,6 +1218,10 @@ def train(
     optimizer = make_optimizer(model, recipe, heads)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, recipe))
 
+    # the moving average of the weights (Recipe.ema_decay): float tensors of the state dict, float32
+    ema = None
+    if recipe.ema_decay > 0:
+        ema = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
     step, elapsed, tokens_seen = 0, 0.0, 0
     if checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
@@ -1222,6 +1232,8 @@ def train(
             pointer.load_state_dict(state["pointer_head"])
         if counter is not None:
             counter.load_state_dict(state["count_head"])
+        if ema is not None:
+            ema = {k: v.to(device) for k, v in state["ema"].items()}
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
@@ -1263,6 +1275,8 @@ def train(
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
+            if ema is not None:
+                update_ema(ema, model, min(recipe.ema_decay, (1 + step) / (10 + step)))
             step += 1
             dt = time.monotonic() - t0
             elapsed += dt
@@ -1298,6 +1312,7 @@ def train(
                     "slot_head": head.state_dict() if head is not None else None,
                     "pointer_head": pointer.state_dict() if pointer is not None else None,
                     "count_head": counter.state_dict() if counter is not None else None,
+                    "ema": ema,
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "rng": _rng_state(),
@@ -1305,8 +1320,20 @@ def train(
                 save_checkpoint(checkpoint_path, state)
     model_dir = out / MODEL_DIR
     if step >= recipe.steps:
+        if ema is not None:  # the checkpoint keeps the last step's weights; the export is the average
+            model.load_state_dict(ema, strict=False)
         export(model, tokenizer, model_dir, recipe.export_dtype)
     return model_dir
+
+
+def update_ema(ema: dict[str, torch.Tensor], model: Kosmos2, decay: float) -> None:
+    """ema += (1 - decay) * (weights - ema), for every float tensor of the model's state dict."""
+    import torch
+
+    with torch.no_grad():
+        state = model.state_dict()
+        for name, average in ema.items():
+            average.lerp_(state[name].float(), 1 - decay)
 
 
 def export(

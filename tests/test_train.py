@@ -831,3 +831,45 @@ def test_count_loss_run_logs_it_and_resumes_to_the_same_weights(tmp_path):
     assert whole.keys() == parts.keys() and not any("count" in k for k in whole)
     for name, tensor in whole.items():
         assert torch.equal(tensor, parts[name]), name
+
+
+def test_update_ema_by_hand():
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 3.0]]))
+        model.bias.fill_(2.0)
+    ema = {"weight": torch.zeros(1, 2), "bias": torch.tensor([4.0])}
+    T.update_ema(ema, model, 0.75)  # 0.75 * old + 0.25 * new
+    assert ema["weight"].tolist() == [[0.25, 0.75]] and ema["bias"].tolist() == [3.5]
+    with pytest.raises(ValueError, match="ema_decay must be in"):
+        recipe(ema_decay=1.0)
+
+
+def test_ema_run_exports_the_average_and_resumes_to_the_same_weights(tmp_path):
+    """With ema_decay the export is the moving average, worked out here from the weights after each step
+    (runs of 1, 2 and 3 steps are the prefixes of one run); a stopped and resumed run exports the same."""
+    from safetensors.torch import load_file
+
+    r = T.get_recipe("test", ema_decay=0.6, steps=3, warmup_steps=4)
+    T.train(r, tmp_path / "whole", progress=False)
+    T.train(r, tmp_path / "parts", stop_after=2, progress=False)
+    T.train(r, tmp_path / "parts", progress=False)
+    whole = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    parts = load_file(tmp_path / "parts" / "model" / "model.safetensors")
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, parts[name]), name
+    # the average by hand: the initial weights, then the weights after steps 1, 2, 3 (plain runs)
+    plain = []
+    for steps in (1, 2, 3):
+        out = tmp_path / f"plain{steps}"
+        T.train(T.get_recipe("test", steps=steps, warmup_steps=4), out, progress=False)
+        plain.append(load_file(out / "model" / "model.safetensors"))
+    # (steps 1-3 are all in the warm-up, so the three runs share their learning rates)
+    start = T.build_model(r, Kosmos2Tokenizer.from_pretrained(tmp_path / "whole" / T.TOKENIZER_DIR))
+    key = "text_model.model.layers.0.ffn.fc1.weight"
+    average = start.state_dict()[key].clone().float()
+    for step, weights in enumerate(plain):
+        d = min(0.6, (1 + step) / (10 + step))
+        average = d * average + (1 - d) * weights[key]
+    assert torch.allclose(whole[key], average, atol=1e-6)
+    assert not torch.allclose(whole[key], plain[-1][key], atol=1e-4)
