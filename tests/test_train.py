@@ -738,23 +738,31 @@ def test_pointer_loss_recipe_checks():
         recipe(share_prefix=True, pointer_loss_weight=-1.0)
 
 
+def _whole_and_resumed_exports(r: T.Recipe, tmp_path: Path) -> tuple[dict, list[dict]]:
+    """Train `r` uninterrupted and stopped after 2 steps then resumed; assert both export the same weights.
+    Returns the exported tensors and the uninterrupted run's log records."""
+    from safetensors.torch import load_file
+
+    T.train(r, tmp_path / "whole", progress=False)
+    T.train(r, tmp_path / "parts", stop_after=2, progress=False)
+    T.train(r, tmp_path / "parts", progress=False)
+    whole = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    parts = load_file(tmp_path / "parts" / "model" / "model.safetensors")
+    assert whole.keys() == parts.keys()
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, parts[name]), name
+    log = [json.loads(line) for line in (tmp_path / "whole" / T.LOG_FILE).read_text().splitlines()]
+    return whole, log
+
+
 def test_pointer_loss_run_logs_it_and_resumes_to_the_same_weights(tmp_path):
     """The small preset (one slot per 8 px patch): the pointer read-out trains beside the model, its loss is
     logged, it is kept in the checkpoint (a stopped and resumed run equals an uninterrupted one) and it is
     not exported. The tiny preset (64 slots over 4 patches) gets a clear error instead."""
-    from safetensors.torch import load_file
-
     small = T.get_recipe("test", preset="small", share_prefix=True, pointer_loss_weight=1.0, steps=3)
-    T.train(small, tmp_path / "whole", progress=False)
-    T.train(small, tmp_path / "parts", stop_after=2, progress=False)
-    T.train(small, tmp_path / "parts", progress=False)
-    log = [json.loads(line) for line in (tmp_path / "whole" / T.LOG_FILE).read_text().splitlines()]
+    whole, log = _whole_and_resumed_exports(small, tmp_path)
     assert all(math.isfinite(r["loss_pointer"]) and r["loss_pointer"] > 0 for r in log)
-    whole = load_file(tmp_path / "whole" / "model" / "model.safetensors")
-    parts = load_file(tmp_path / "parts" / "model" / "model.safetensors")
-    assert whole.keys() == parts.keys() and not any("pointer" in k for k in whole)
-    for name, tensor in whole.items():
-        assert torch.equal(tensor, parts[name]), name
+    assert not any("pointer" in k for k in whole)
     tiny = recipe(share_prefix=True, pointer_loss_weight=1.0)
     with pytest.raises(ValueError, match="one image slot per patch"):
         T.train(tiny, tmp_path / "tiny", progress=False)
@@ -818,19 +826,10 @@ def test_count_loss_reads_the_tap_at_the_end_of_the_prefix(finished_run, tokeniz
 
 
 def test_count_loss_run_logs_it_and_resumes_to_the_same_weights(tmp_path):
-    from safetensors.torch import load_file
-
     r = T.get_recipe("test", share_prefix=True, count_loss_weight=0.2, steps=4)
-    T.train(r, tmp_path / "whole", progress=False)
-    T.train(r, tmp_path / "parts", stop_after=2, progress=False)
-    T.train(r, tmp_path / "parts", progress=False)
-    log = [json.loads(line) for line in (tmp_path / "whole" / T.LOG_FILE).read_text().splitlines()]
+    whole, log = _whole_and_resumed_exports(r, tmp_path)
     assert all(math.isfinite(r["loss_counts"]) and r["loss_counts"] > 0 for r in log)
-    whole = load_file(tmp_path / "whole" / "model" / "model.safetensors")
-    parts = load_file(tmp_path / "parts" / "model" / "model.safetensors")
-    assert whole.keys() == parts.keys() and not any("count" in k for k in whole)
-    for name, tensor in whole.items():
-        assert torch.equal(tensor, parts[name]), name
+    assert not any("count" in k for k in whole)
 
 
 def test_update_ema_by_hand():
@@ -851,13 +850,7 @@ def test_ema_run_exports_the_average_and_resumes_to_the_same_weights(tmp_path):
     from safetensors.torch import load_file
 
     r = T.get_recipe("test", ema_decay=0.6, steps=3, warmup_steps=4)
-    T.train(r, tmp_path / "whole", progress=False)
-    T.train(r, tmp_path / "parts", stop_after=2, progress=False)
-    T.train(r, tmp_path / "parts", progress=False)
-    whole = load_file(tmp_path / "whole" / "model" / "model.safetensors")
-    parts = load_file(tmp_path / "parts" / "model" / "model.safetensors")
-    for name, tensor in whole.items():
-        assert torch.equal(tensor, parts[name]), name
+    whole, _ = _whole_and_resumed_exports(r, tmp_path)
     # the average by hand: the initial weights, then the weights after steps 1, 2, 3 (plain runs)
     plain = []
     for steps in (1, 2, 3):
