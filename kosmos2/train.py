@@ -196,10 +196,10 @@ class Recipe:
                 f"recipe count_loss_weight must be >= 0 and count_layer >= 0, got {self.count_loss_weight}, "
                 f"{self.count_layer}"
             )
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"recipe ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.count_loss_weight > 0 and not self.share_prefix:
             raise ValueError("recipe count_loss_weight > 0 needs share_prefix=True (it reads the prefix)")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"recipe ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.loss_on not in ("target", "all"):
             raise ValueError(f"recipe loss_on {self.loss_on!r}: use 'target' or 'all'")
         if self.share_prefix and self.loss_on != "target":
