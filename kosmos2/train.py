@@ -6,7 +6,7 @@ reproduces it, bit for bit on the same machine and torch build.
     recipe ─► tokenizer (BPE on the world's text, Kosmos-2 layout) ─► model (config preset, fresh weights,
               patch-aligned connector) + slot read-out (training only)
           ─► for step in steps:  batch(seed, step) ─► loss (answer tokens or SPEC §3 mask, + slot loss)
-                                 ─► clip ─► AdamW ─► LR schedule
+                                 ─► clip ─► LR schedule ─► AdamW (or AdamW + Muon)
                                  every N steps: checkpoint.pt (atomic); log.jsonl, progress bar
           ─► model/ (Hugging Face layout: config.json, model.safetensors, tokenizer files)
 
@@ -57,7 +57,7 @@ RECIPE_FILE = "recipe.json"
 LOG_FILE = "log.jsonl"
 TOKENIZER_DIR = "tokenizer"
 MODEL_DIR = "model"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the optimizer state is a list (AdamW[, Muon]); no scheduler state
 
 # Decoding settings shipped with models trained here (generation_config.json). The world's captions repeat
 # short word sequences ("</object>, <phrase> a small"), which the official no-repeat-ngram 3 would forbid.
@@ -84,6 +84,7 @@ def _default_mixture() -> dict[str, float]:
 
 INITS = ("patches", "scaled", "std")
 SLOT_LOSSES = ("groups", "objects", "objectness", "none")
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -91,8 +92,9 @@ class Recipe:
     """Everything that decides a training run: the same recipe gives the same weights.
 
     Steps and batch: `steps` optimizer steps of `scenes_per_step` scenes × `samples_per_scene` task samples.
-    Optimizer: AdamW (betas, eps, weight decay on matrices only), LR linear warm-up over `warmup_steps` to
-    `lr`, then cosine decay to `lr * final_lr_fraction`; gradients clipped to norm `grad_clip`.
+    Optimizer: AdamW (betas, eps, weight decay on matrices only; or Muon on the layers' matrices:
+    `optimizer`), LR linear warm-up over `warmup_steps` to `lr`, then cosine decay to
+    `lr * final_lr_fraction`; gradients clipped to norm `grad_clip`.
     """
 
     preset: str = "small"  # kosmos2.config preset; the vocabulary size comes from the trained tokenizer
@@ -107,6 +109,13 @@ class Recipe:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     grad_clip: float = 1.0
+    # "adamw": AdamW on every parameter. "muon": torch.optim.Muon (momentum, then the update orthogonalised
+    # by Newton-Schulz, its size matched to AdamW's: adjust_lr_fn="match_rms_adamw") on the 2-D weights of
+    # the ViT, connector and decoder layers at peak LR `muon_lr`; AdamW on the rest (embeddings, latent
+    # queries, the patch convolution, norms, biases, the training-only read-outs). Same schedule for both
+    optimizer: str = "adamw"
+    muon_lr: float = 1e-3
+    muon_momentum: float = 0.95
     bf16: bool = True  # autocast the forward pass to bfloat16 (weights and optimizer stay float32)
     seed: int = 0
     tokenizer_vocab_size: int = 256  # base BPE vocabulary (fairseq specials + pieces); 1036 tags follow
@@ -175,6 +184,13 @@ class Recipe:
             raise ValueError(
                 f"recipe lr must be > 0 and final_lr_fraction in [0, 1], got {self.lr}, "
                 f"{self.final_lr_fraction}"
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"recipe optimizer {self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+        if not self.muon_lr > 0 or not 0 <= self.muon_momentum < 1:
+            raise ValueError(
+                f"recipe muon_lr must be > 0 and muon_momentum in [0, 1), got {self.muon_lr}, "
+                f"{self.muon_momentum}"
             )
         if self.warmup_steps < 0 or self.grad_clip <= 0 or self.weight_decay < 0:
             raise ValueError("recipe warmup_steps and weight_decay must be >= 0 and grad_clip > 0")
@@ -1028,22 +1044,84 @@ def compute_loss(model: Kosmos2, batch: Batch, bf16: bool = False) -> torch.Tens
 # Optimizer and schedule
 
 
-def make_optimizer(model: Kosmos2, recipe: Recipe, head: torch.nn.Module | None = None) -> torch.optim.AdamW:
+class Optimizers:
+    """The run's optimizers (AdamW, or AdamW and Muon over disjoint parameters), stepped as one.
+
+    The LR schedule is set on every parameter group before each step: lr = peak (the group's
+    "initial_lr") × `lr_factor(step)`, the floats `torch.optim.lr_scheduler.LambdaLR` would set.
+    """
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        self.optimizers = list(optimizers)
+        for group in self.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def set_lr(self, factor: float) -> None:
+        for group in self.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return [optimizer.state_dict() for optimizer in self.optimizers]
+
+    def load_state_dict(self, states: Sequence[dict[str, Any]]) -> None:
+        if len(states) != len(self.optimizers):
+            raise ValueError(
+                f"the checkpoint holds {len(states)} optimizer states, this run has {len(self.optimizers)}"
+            )
+        for optimizer, state in zip(self.optimizers, states, strict=True):
+            optimizer.load_state_dict(state)
+
+
+def muon_parameter(name: str, parameter: torch.Tensor) -> bool:
+    """Whether Recipe.optimizer="muon" trains this model parameter with Muon: the 2-D weights of the
+    transformer layers (ViT, decoder) and of the connector, not embeddings or latent queries."""
+    inside = ".layers." in name or name.startswith("image_to_text_projection.")
+    return parameter.dim() == 2 and inside and "latent_query" not in name
+
+
+def make_optimizer(model: Kosmos2, recipe: Recipe, head: torch.nn.Module | None = None) -> Optimizers:
     """AdamW with weight decay on matrices (linear, embedding, latent queries), none on biases and norms;
-    over the model's parameters and those of `head` (the training-only read-outs), if any."""
+    over the model's parameters and those of `head` (the training-only read-outs), if any. With
+    recipe.optimizer "muon", the layers' 2-D weights (`muon_parameter`) go to torch.optim.Muon instead."""
     import itertools
 
     import torch
 
-    decay, no_decay = [], []
-    extra = head.parameters() if head is not None else ()
-    for p in itertools.chain(model.parameters(), extra):
-        (decay if p.dim() >= 2 else no_decay).append(p)
+    decay, no_decay, muon = [], [], []
+    named = itertools.chain(model.named_parameters(), head.named_parameters(prefix="head") if head else ())
+    for name, p in named:
+        if recipe.optimizer == "muon" and muon_parameter(name, p):
+            muon.append(p)
+        else:
+            (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": recipe.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=recipe.lr, betas=recipe.betas, eps=recipe.eps)
+    optimizers = [torch.optim.AdamW(groups, lr=recipe.lr, betas=recipe.betas, eps=recipe.eps)]
+    if muon:
+        optimizers.append(
+            torch.optim.Muon(
+                muon,
+                lr=recipe.muon_lr,
+                weight_decay=recipe.weight_decay,
+                momentum=recipe.muon_momentum,
+                adjust_lr_fn="match_rms_adamw",
+            )
+        )
+    return Optimizers(optimizers)
 
 
 def lr_factor(step: int, recipe: Recipe) -> float:
@@ -1216,7 +1294,6 @@ def train(
     model.to(device)
     heads.to(device)
     optimizer = make_optimizer(model, recipe, heads)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, recipe))
 
     # the moving average of the weights (Recipe.ema_decay): float tensors of the state dict, float32
     ema = None
@@ -1235,7 +1312,6 @@ def train(
         if ema is not None:
             ema = {k: v.to(device) for k, v in state["ema"].items()}
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         step, elapsed, tokens_seen = state["step"], state["elapsed"], state["tokens"]
     else:
@@ -1269,12 +1345,12 @@ def train(
                 recipe.count_layer,
             )
             loss = losses["loss"]
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip))
+            optimizer.set_lr(lr_factor(step, recipe))
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
-            scheduler.step()
             if ema is not None:
                 update_ema(ema, model, min(recipe.ema_decay, (1 + step) / (10 + step)))
             step += 1
@@ -1314,7 +1390,6 @@ def train(
                     "count_head": counter.state_dict() if counter is not None else None,
                     "ema": ema,
                     "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
                     "rng": _rng_state(),
                 }
                 save_checkpoint(checkpoint_path, state)

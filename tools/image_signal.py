@@ -98,7 +98,6 @@ def main() -> None:
         tokenizer = T.build_tokenizer(recipe, tempfile.mkdtemp(prefix="kosmos2-probe-"))
     model = T.build_model(recipe, tokenizer)
     optimizer = T.make_optimizer(model, recipe)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: T.lr_factor(s, recipe))
     Q, size = model.config.latent_query_num, model.config.vision.image_size
     fixed = [S.make_scene(S.scene_seed("train", 99, "fixed", i), "train") for i in range(64)]
     fixed_pixels = preprocess([S.render(s) for s in fixed], size=size)
@@ -125,8 +124,8 @@ def main() -> None:
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+        optimizer.set_lr(T.lr_factor(step, recipe))
         optimizer.step()
-        schedule.step()
         with torch.no_grad():
             after_loc = torch.zeros_like(answer)
             after_loc[:, 1:] = input_ids[:, 1:] >= loc
