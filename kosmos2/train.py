@@ -286,7 +286,21 @@ def get_recipe(name: str, **overrides: Any) -> Recipe:
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown recipe fields {unknown}; known: {sorted(known)}")
+    overrides = {name: _typed(name, value, getattr(recipe, name)) for name, value in overrides.items()}
     return dataclasses.replace(recipe, **overrides).validate()
+
+
+def _typed(name: str, value: Any, default: Any) -> Any:
+    """`value` for recipe field `name` as the type of its `default` (an int where a float goes becomes a
+    float; a list where a tuple goes, a tuple), or a ValueError naming the field."""
+    kind = type(default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is tuple and isinstance(value, list):
+        value = tuple(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"recipe {name} must be {kind.__name__} (like {default!r}), got {value!r}")
+    return value
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1577,6 +1591,22 @@ def format_quality(split: str, results: Mapping[str, Mapping[str, float]]) -> st
 # Command line
 
 
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """`--set FIELD=VALUE` items as recipe overrides: VALUE parsed as JSON where it is JSON, else a string
+    (`get_recipe` checks each against its field's type)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--set {item!r}: write FIELD=VALUE, e.g. --set optimizer=muon")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        overrides[name.strip()] = value
+    return overrides
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `kosmos2 train` to the top-level parser."""
     p = subparsers.add_parser(
@@ -1589,6 +1619,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/default"), help="run folder (default: %(default)s)")
     p.add_argument("--steps", type=int, help="override the recipe's number of steps")
     p.add_argument("--seed", type=int, help="override the recipe's seed")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
+        help="override any recipe field, e.g. --set optimizer=muon --set lr=2e-3; VALUE is read as JSON "
+        "(numbers, true/false, {\"rec\": 1.0}), else as a string; repeatable",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
     p.add_argument(
         "--device", default="cpu",
@@ -1605,6 +1640,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
     try:
+        overrides.update(parse_overrides(args.overrides))
         recipe = get_recipe(args.recipe, **overrides)
     except ValueError as e:
         print(f"kosmos2 train: error: {e}", file=sys.stderr)

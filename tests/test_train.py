@@ -552,6 +552,22 @@ def test_cli_train_and_its_errors(tmp_path, capsys):
     assert "another recipe (differs in ['steps'])" in capsys.readouterr().err
     assert main(["train", "--recipe", "test", "--steps", "0", "--out", str(tmp_path / "x")]) == 2
     assert "steps must be a positive int" in capsys.readouterr().err
+    assert main(["train", "--recipe", "test", "--set", "optimiser=muon", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown recipe fields ['optimiser']" in capsys.readouterr().err
+    assert main(["train", "--recipe", "test", "--set", "muon", "--out", str(tmp_path / "x")]) == 2
+    assert "--set 'muon': write FIELD=VALUE" in capsys.readouterr().err
+    assert main(["train", "--recipe", "test", "--set", "lr=fast", "--out", str(tmp_path / "x")]) == 2
+    assert "recipe lr must be float (like 0.003), got 'fast'" in capsys.readouterr().err
+    assert T.parse_overrides(["lr=2e-3", "optimizer=muon", "betas=[0.9, 0.95]", 'mixture={"rec": 1}']) == {
+        "lr": 2e-3,
+        "optimizer": "muon",
+        "betas": [0.9, 0.95],
+        "mixture": {"rec": 1},
+    }
+    r = T.get_recipe("test", lr=1, betas=[0.9, 0.95], mixture={"rec": 1}, bf16=False)
+    assert r.lr == 1.0 and isinstance(r.lr, float) and r.betas == (0.9, 0.95) and r.bf16 is False
+    with pytest.raises(ValueError, match="recipe steps must be int"):
+        T.get_recipe("test", steps=True)
     # training flushes denormal floats to zero on the CPU (speed) and gives the setting back afterwards
     assert float(torch.tensor([1e-40]) * 1.0) != 0.0
     if not torch.cuda.is_available():
