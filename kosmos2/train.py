@@ -242,14 +242,19 @@ class Recipe:
 
 
 RECIPES: dict[str, Callable[[], Recipe]] = {
-    # the built-in default model: preset "small", ~55 minutes on 2 CPU cores (2,600 steps of ~1.25 s; each
+    # the built-in default model: preset "small", ~50 minutes on 2 CPU cores (2,300 steps of ~1.3 s; each
     # step 32 scenes x 4 samples behind a shared image prefix: new scenes teach more than more samples of a
-    # scene, docs/DEFAULT_MODEL.md), the mixture shifted from REC and captions towards REG and VQA
+    # scene), Muon on the layers' matrices (by step ~1,250 it has the location-token loss the 2,600-step
+    # AdamW run ended with), the exported weights a moving average, the mixture shifted from REC and
+    # captions towards REG and VQA (docs/DEFAULT_MODEL.md)
     "default": lambda: Recipe(
-        steps=2600,
+        steps=2300,
         scenes_per_step=32,
         samples_per_scene=4,
         share_prefix=True,
+        optimizer="muon",
+        muon_lr=5e-3,
+        ema_decay=0.995,
         mixture={
             "grounded_caption": 0.2,
             "caption": 0.03,
