@@ -1177,8 +1177,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise ValueError(
             f"{path}: not a readable training checkpoint ({reason}); delete it to start over"
         ) from e
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(state, dict) or "format" not in state:
         raise ValueError(f"{path}: not a kosmos2 training checkpoint (format {CHECKPOINT_FORMAT})")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{path}: a training checkpoint of format {state['format']}, this kosmos2 reads format "
+            f"{CHECKPOINT_FORMAT} (the optimizer state changed); start the run again in a new --out folder"
+        )
     return state
 
 

@@ -504,6 +504,13 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable training checkpoint.*delete it"):
         T.load_checkpoint(path)
+    monkeypatch.undo()
+    T.save_checkpoint(path, {"format": 1, "step": 3})  # before the optimizer state became a list
+    with pytest.raises(ValueError, match="checkpoint of format 1, this kosmos2 reads format 2.*new --out"):
+        T.load_checkpoint(path)
+    T.save_checkpoint(path, {"step": 3})
+    with pytest.raises(ValueError, match="not a kosmos2 training checkpoint"):
+        T.load_checkpoint(path)
 
 
 def test_progress_bar_shows_loss_speed_and_eta():
