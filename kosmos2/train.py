@@ -242,16 +242,17 @@ class Recipe:
 
 
 RECIPES: dict[str, Callable[[], Recipe]] = {
-    # the built-in default model: preset "small", ~50 minutes on 2 CPU cores (2,300 steps of ~1.3 s; each
+    # the built-in default model: preset "small", ~57 minutes on 2 CPU cores (2,400 steps of ~1.4 s; each
     # step 32 scenes x 4 samples behind a shared image prefix: new scenes teach more than more samples of a
-    # scene), Muon on the layers' matrices (by step ~1,250 it has the location-token loss the 2,600-step
-    # AdamW run ended with), the exported weights a moving average, the mixture shifted from REC and
-    # captions towards REG and VQA (docs/DEFAULT_MODEL.md)
+    # scene), Muon on the layers' matrices, the "groups" slot read-out (how many objects are identical to
+    # each slot's, and the word that tells them apart: the counting the captions, REG and VQA need), the
+    # exported weights a moving average, the mixture shifted towards REG and VQA (docs/DEFAULT_MODEL.md)
     "default": lambda: Recipe(
-        steps=2300,
+        steps=2400,
         scenes_per_step=32,
         samples_per_scene=4,
         share_prefix=True,
+        slot_loss="groups",
         optimizer="muon",
         muon_lr=5e-3,
         ema_decay=0.995,
