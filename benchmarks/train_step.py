@@ -1,6 +1,6 @@
 """Training step speed: one row per sample against samples behind a shared image prefix, same batches.
 
-    python benchmarks/train_step.py                 # the default recipe's batches (16 scenes x 8 samples)
+    python benchmarks/train_step.py                 # the default recipe's batches (32 scenes x 4 samples)
     python benchmarks/train_step.py --steps 4 --threads 1
     python benchmarks/train_step.py --checkpoint runs/default/checkpoint.pt   # trained weights
 
