@@ -81,6 +81,10 @@ def main() -> None:
     ap.add_argument("--max-objects", type=int, default=1, help="only scenes with at most this many objects")
     ap.add_argument("--scenes", type=int, default=32, help="scenes per step (one sample each)")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument(
+        "--optimizer", default="adamw", choices=("adamw", "muon"),
+        help="(default: adamw, the optimizer of the probes docs/DEFAULT_MODEL.md records)",
+    )  # fmt: skip
     ap.add_argument("--answer-only", action="store_true", help="loss on the sample's target tokens only")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all)")
     ap.add_argument("--tokenizer", default=None, help="a trained tokenizer directory (default: train one)")
@@ -89,7 +93,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     mixture = {k: float(v) for k, v in (p.split("=") for p in args.mixture.split(","))}
     tasks, weights = list(mixture), list(mixture.values())
-    recipe = T.get_recipe("default", mixture=mixture, lr=args.lr, steps=max(args.steps, 2), bf16=False)
+    recipe = T.get_recipe(
+        "default", mixture=mixture, lr=args.lr, optimizer=args.optimizer, steps=max(args.steps, 2), bf16=False
+    )
     if args.tokenizer:
         from kosmos2.tokenizer import Kosmos2Tokenizer
 
