@@ -98,6 +98,7 @@ class Recipe:
     """
 
     preset: str = "small"  # kosmos2.config preset; the vocabulary size comes from the trained tokenizer
+    vision_layers: int = 0  # the ViT's depth; 0 = the preset's
     steps: int = 3000
     scenes_per_step: int = 16
     samples_per_scene: int = 4
@@ -142,6 +143,9 @@ class Recipe:
     # first; "none" trains on the language-model loss alone
     slot_loss: str = "objects"
     slot_loss_weight: float = 1.0
+    group_loss_weight: float = (
+        1.0  # "groups": the weight of its group-size and place terms within the slot loss
+    )
     # auxiliary pointer loss, training only (build_pointer_head; not exported): where the decoder is about to
     # write a box (the input is <object> or the delimiter, the target an upper-left location token) or has
     # just read one in the prompt, a query of its hidden state is scored against keys of its hidden states at
@@ -200,6 +204,16 @@ class Recipe:
             raise ValueError(
                 f"recipe slot_loss {self.slot_loss!r} (weight {self.slot_loss_weight}): use one of "
                 f"{', '.join(SLOT_LOSSES)} with a weight >= 0"
+            )
+        if not self.group_loss_weight >= 0:
+            raise ValueError(f"recipe group_loss_weight must be >= 0, got {self.group_loss_weight}")
+        if (
+            isinstance(self.vision_layers, bool)
+            or not isinstance(self.vision_layers, int)
+            or self.vision_layers < 0
+        ):
+            raise ValueError(
+                f"recipe vision_layers must be an int >= 0 (0: the preset's), got {self.vision_layers!r}"
             )
         if not self.pointer_loss_weight >= 0:
             raise ValueError(f"recipe pointer_loss_weight must be >= 0, got {self.pointer_loss_weight}")
@@ -329,7 +343,10 @@ def model_config(recipe: Recipe, tokenizer: Kosmos2Tokenizer):
 
     config = Kosmos2Config.from_preset(recipe.preset)
     text = dataclasses.replace(config.text, vocab_size=tokenizer.vocab_size)
-    return dataclasses.replace(config, text=text)
+    vision = config.vision
+    if recipe.vision_layers:
+        vision = dataclasses.replace(vision, layers=recipe.vision_layers)
+    return dataclasses.replace(config, text=text, vision=vision)
 
 
 def grid_code(grid: int, width: int) -> torch.Tensor:
@@ -587,10 +604,12 @@ def slot_targets(scenes: Sequence[Any], grid: int, num_slots: int) -> SlotTarget
     return SlotTargets(torch.from_numpy(cover), *classes_t[:3], torch.from_numpy(box), *classes_t[3:])
 
 
-def slot_loss(head: torch.nn.Linear, slots: torch.Tensor, targets: SlotTargets) -> torch.Tensor:
+def slot_loss(
+    head: torch.nn.Linear, slots: torch.Tensor, targets: SlotTargets, group_weight: float = 1.0
+) -> torch.Tensor:
     """Objectness binary cross-entropy over all slots; with the "objects" read-out also the colour, shape
     and size cross-entropies and the box L1 (in patches), each a mean over the covered slots; with "groups"
-    also the group-size and place cross-entropies."""
+    also the group-size and place cross-entropies, each times `group_weight`."""
     import torch.nn.functional as F
 
     from kosmos2.data import synthetic
@@ -614,7 +633,7 @@ def slot_loss(head: torch.nn.Linear, slots: torch.Tensor, targets: SlotTargets) 
     k += SLOT_BOX_TERMS
     for n, labels in ((GROUP_CLASSES, targets.group), (len(PLACE_CLASSES), targets.place)):
         if out.shape[-1] >= k + n:
-            loss = loss + F.cross_entropy(out[..., k : k + n][covered], labels[covered])
+            loss = loss + group_weight * F.cross_entropy(out[..., k : k + n][covered], labels[covered])
             k += n
     return loss
 
@@ -975,14 +994,16 @@ def compute_losses(
     counter: torch.nn.Linear | None = None,
     count_weight: float = 1.0,
     count_layer: int = 2,
+    group_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """The losses of one batch: "lm", the mean cross-entropy over all target tokens of the batch;
     "location", the same over its location tokens only (a diagnostic; chance is ln 1024 = 6.93); with a slot
-    read-out `head` and `batch.slots`, "slots", the auxiliary slot loss (`slot_loss`); with a `pointer` head
+    read-out `head` and `batch.slots`, "slots", the auxiliary slot loss (`slot_loss`, its "groups" terms
+    times `group_weight`); with a `pointer` head
     (a shared prefix only), "pointer", the mean pointer loss per box (`pointer_loss`); with a `counter` and
     `batch.counts` (a shared prefix only), "counts", the count loss (`count_loss`) read at `</image>` after
-    `count_layer` blocks; "loss", what training minimises: lm + slot_weight * slots + pointer_weight * pointer
-    + count_weight * counts.
+    `count_layer` blocks; "loss", what training minimises: lm + slot_weight * slots + pointer_weight *
+    pointer + count_weight * counts.
 
     The image encoder runs once per scene; each chunk's rows take their scene's embeddings.
     """
@@ -1044,7 +1065,7 @@ def compute_losses(
     losses["location"] = location / max(location_count, 1)
     losses["loss"] = losses["lm"]
     if head is not None and batch.slots is not None:
-        losses["slots"] = slot_loss(head, embeds, batch.slots)
+        losses["slots"] = slot_loss(head, embeds, batch.slots, group_weight)
         losses["loss"] = losses["lm"] + slot_weight * losses["slots"]
     if pointer is not None:
         losses["pointer"] = pointed / max(pointer_count, 1)
@@ -1368,6 +1389,7 @@ def train(
                 counter,
                 recipe.count_loss_weight,
                 recipe.count_layer,
+                recipe.group_loss_weight,
             )
             loss = losses["loss"]
             optimizer.zero_grad()

@@ -84,8 +84,21 @@ def test_recipes_validate_and_reject_bad_fields():
         T.get_recipe("test", slot_loss="boxes")
     with pytest.raises(ValueError, match="recipe init 'xavier': use one of patches, scaled, std"):
         T.get_recipe("test", init="xavier")
+    with pytest.raises(ValueError, match="recipe vision_layers must be an int >= 0"):
+        T.get_recipe("test", vision_layers=-1)
+    with pytest.raises(ValueError, match="recipe group_loss_weight must be >= 0"):
+        T.get_recipe("test", group_loss_weight=-0.5)
     r = T.get_recipe("test", lr=5e-4)
     assert T.Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+
+
+def test_vision_layers_sets_the_vit_depth_and_nothing_else(tokenizer):
+    preset = T.model_config(T.get_recipe("default"), tokenizer)
+    deeper = T.model_config(T.get_recipe("default", vision_layers=6), tokenizer)
+    assert preset.vision.layers == 4 and deeper.vision.layers == 6
+    assert dataclasses.replace(deeper.vision, layers=4) == preset.vision and deeper.text == preset.text
+    model = T.build_model(T.get_recipe("test", vision_layers=3), tokenizer)
+    assert len(model.vision_model.model.encoder.layers) == 3
 
 
 def test_lr_schedule_warms_up_then_decays_by_cosine():
@@ -387,6 +400,12 @@ def test_slot_loss_reads_objectness_then_attributes_and_box():
     )
     assert out.shape[-1] == k + 10
     assert float(T.slot_loss(groups, slots, targets)) == pytest.approx(float(expected), rel=1e-6)
+    group_terms = F.cross_entropy(out[..., k : k + 4][covered], targets.group[covered]) + F.cross_entropy(
+        out[..., k + 4 : k + 10][covered], targets.place[covered]
+    )
+    assert float(T.slot_loss(groups, slots, targets, group_weight=0.25)) == pytest.approx(
+        float(expected - 0.75 * group_terms), rel=1e-6
+    )
     objectness = torch.nn.Linear(8, T.slot_head_outputs("objectness"))
     assert float(T.slot_loss(objectness, slots, targets)) == pytest.approx(
         float(F.binary_cross_entropy_with_logits(objectness(slots)[..., 0], targets.cover)), rel=1e-6
