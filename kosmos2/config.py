@@ -329,8 +329,8 @@ def _tiny() -> Kosmos2Config:
 
 
 def _small() -> Kosmos2Config:
-    """The built-in default model (kosmos2/assets/default), trained on the synthetic world by
-    `kosmos2 train --recipe default`: 64 px images in 8 px patches (64 patches + class token), a 4-layer
+    """The small Kosmos-2 of the synthetic world (`kosmos2 train`; the built-in default model is its
+    128 px form, `small-128`): 64 px images in 8 px patches (64 patches + class token), a 4-layer
     192-wide ViT, 64 latent queries (one per patch: `kosmos2.train.init_patches`), a 4-layer 256-wide decoder,
     no dropout (the world's data never repeats).
     The vocabulary is the world's tokenizer's: 256 base pieces + <mask> + 11 tags + 1024 location tokens."""
@@ -352,7 +352,8 @@ def _small() -> Kosmos2Config:
 
 def _small_128() -> Kosmos2Config:
     """`small` with 128 px images in 16 px patches: the same 8 x 8 grid of patches, slots and decoder cost,
-    four times the pixels under each patch (small shapes are ~6 px across at 64 px)."""
+    four times the pixels under each patch (small shapes are ~6 px across at 64 px). The built-in default
+    model (kosmos2/assets/default, `kosmos2 train --recipe default`)."""
     config = _small()
     return replace(config, vision=replace(config.vision, image_size=128, patch_size=16))
 

@@ -71,7 +71,7 @@ def model_state(run: Path) -> dict[str, torch.Tensor]:
 def test_recipes_validate_and_reject_bad_fields():
     for name in T.RECIPES:
         T.get_recipe(name)
-    assert T.get_recipe("default").preset == "small"
+    assert T.get_recipe("default").preset == "small-128"
     with pytest.raises(ValueError, match="unknown recipe 'nope'.*default"):
         T.get_recipe("nope")
     with pytest.raises(ValueError, match=r"unknown recipe fields \['stepz'\]"):
