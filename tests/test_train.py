@@ -507,6 +507,23 @@ def test_a_folder_of_another_recipe_is_refused(finished_run):
         T.train(T.get_recipe("test", steps=STEPS, lr=1e-4), finished_run, progress=False)
 
 
+def test_a_run_folder_from_before_a_recipe_field_existed_still_resumes(finished_run, tmp_path):
+    # a recipe.json written before `group_loss_weight` and `vision_layers` existed: they read as their
+    # defaults, so the finished run is recognised as this recipe's (nothing to do) instead of refused
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(finished_run, old)
+    saved = json.loads((old / T.RECIPE_FILE).read_text())
+    del saved["group_loss_weight"], saved["vision_layers"]
+    (old / T.RECIPE_FILE).write_text(json.dumps(saved))
+    assert T.train(recipe(), old, progress=False) == old / "model"
+    saved["lr"] = 1e-4  # a field that does differ is still named
+    (old / T.RECIPE_FILE).write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"another recipe \(differs in \['lr'\]\)"):
+        T.train(recipe(), old, progress=False)
+
+
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     T.save_checkpoint(path, {"format": T.CHECKPOINT_FORMAT, "step": 1})
