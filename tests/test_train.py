@@ -986,3 +986,19 @@ def test_muon_run_resumes_to_the_same_weights(tmp_path):
     adamw = load_file(tmp_path / "adamw" / "model" / "model.safetensors")
     key = "text_model.model.layers.0.ffn.fc1.weight"
     assert not torch.allclose(whole[key], adamw[key])
+
+
+def test_kosmos2_train_asks_torch_for_huge_pages_unless_told_otherwise():
+    code = (
+        "import os, sys\n"
+        "from kosmos2 import train as T\n"
+        "print(T.use_huge_pages(), os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch' in sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True)  # noqa: E731
+    assert run(env).stdout.split() == ["True", "1", "False"]
+    assert run({**env, "THP_MEM_ALLOC_ENABLE": "0"}).stdout.split() == ["False", "0", "False"]
+    after_torch = subprocess.run(
+        [sys.executable, "-c", "import torch\n" + code], env=env, capture_output=True, text=True
+    )
+    assert after_torch.stdout.split() == ["False", "None", "True"]
