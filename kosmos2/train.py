@@ -1679,8 +1679,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def use_huge_pages() -> bool:
     """Ask torch to put its big CPU tensors on transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`: on Linux,
     tensors of 2 MB and more are allocated on 2 MB boundaries and advised to use huge pages) unless the
-    environment already says. The same floats; on the 2-core development CPU the default recipe's steps run
-    ~10-15 % faster and slow less over a long run (benchmarks/huge_pages.py, docs/DEFAULT_MODEL.md). torch
+    environment already says. The same floats; on the 2-core development CPU the default recipe's first 60
+    steps run 5 % faster (benchmarks/huge_pages.py) and the gap grows as a run's heap fragments: ~13 % from
+    step 500 on (docs/DEFAULT_MODEL.md). torch
     reads the variable once, at its first tensor, so this works only before torch is imported; returns
     whether it was set here."""
     if "torch" in sys.modules or "THP_MEM_ALLOC_ENABLE" in os.environ:
