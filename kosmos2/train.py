@@ -1319,10 +1319,10 @@ def train(
     recipe_path, checkpoint_path = out / RECIPE_FILE, out / CHECKPOINT_FILE
     if recipe_path.exists():
         saved = json.loads(recipe_path.read_text(encoding="utf-8"))
-        try:  # fields added to Recipe since the run began read as their defaults
+        # fields added to Recipe since the run began read as their defaults; a file that is not a recipe of
+        # this version stays as it is, and the comparison below names the fields that differ
+        with contextlib.suppress(TypeError, ValueError):
             saved = Recipe.from_dict(saved).to_dict()
-        except (TypeError, ValueError):
-            pass  # not a recipe of this version: the comparison below names the fields that differ
         wanted = recipe.to_dict()
         if saved != wanted:
             changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
