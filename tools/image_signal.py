@@ -85,6 +85,10 @@ def main() -> None:
         "--optimizer", default="adamw", choices=("adamw", "muon"),
         help="(default: adamw, the optimizer of the probes docs/DEFAULT_MODEL.md records)",
     )  # fmt: skip
+    ap.add_argument(
+        "--preset", default="small",
+        help="model preset (default: small, the 64 px preset of the probes docs/DEFAULT_MODEL.md records)",
+    )  # fmt: skip
     ap.add_argument("--answer-only", action="store_true", help="loss on the sample's target tokens only")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all)")
     ap.add_argument("--tokenizer", default=None, help="a trained tokenizer directory (default: train one)")
@@ -94,7 +98,13 @@ def main() -> None:
     mixture = {k: float(v) for k, v in (p.split("=") for p in args.mixture.split(","))}
     tasks, weights = list(mixture), list(mixture.values())
     recipe = T.get_recipe(
-        "default", mixture=mixture, lr=args.lr, optimizer=args.optimizer, steps=max(args.steps, 2), bf16=False
+        "default",
+        preset=args.preset,
+        mixture=mixture,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        steps=max(args.steps, 2),
+        bf16=False,
     )
     if args.tokenizer:
         from kosmos2.tokenizer import Kosmos2Tokenizer
