@@ -143,9 +143,8 @@ class Recipe:
     # first; "none" trains on the language-model loss alone
     slot_loss: str = "objects"
     slot_loss_weight: float = 1.0
-    group_loss_weight: float = (
-        1.0  # "groups": the weight of its group-size and place terms within the slot loss
-    )
+    # "groups": the weight of its group-size and place terms within the slot loss
+    group_loss_weight: float = 1.0
     # auxiliary pointer loss, training only (build_pointer_head; not exported): where the decoder is about to
     # write a box (the input is <object> or the delimiter, the target an upper-left location token) or has
     # just read one in the prompt, a query of its hidden state is scored against keys of its hidden states at
@@ -1001,8 +1000,8 @@ def compute_losses(
     """The losses of one batch: "lm", the mean cross-entropy over all target tokens of the batch;
     "location", the same over its location tokens only (a diagnostic; chance is ln 1024 = 6.93); with a slot
     read-out `head` and `batch.slots`, "slots", the auxiliary slot loss (`slot_loss`, its "groups" terms
-    times `group_weight`); with a `pointer` head
-    (a shared prefix only), "pointer", the mean pointer loss per box (`pointer_loss`); with a `counter` and
+    times `group_weight`); with a `pointer` head (a shared prefix only), "pointer", the mean pointer loss per
+    box (`pointer_loss`); with a `counter` and
     `batch.counts` (a shared prefix only), "counts", the count loss (`count_loss`) read at `</image>` after
     `count_layer` blocks; "loss", what training minimises: lm + slot_weight * slots + pointer_weight *
     pointer + count_weight * counts.
