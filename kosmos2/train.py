@@ -1680,9 +1680,8 @@ def use_huge_pages() -> bool:
     tensors of 2 MB and more are allocated on 2 MB boundaries and advised to use huge pages) unless the
     environment already says. The same floats; on the 2-core development CPU the default recipe's first 60
     steps run 5 % faster (benchmarks/huge_pages.py) and the gap grows as a run's heap fragments: ~13 % from
-    step 500 on (docs/DEFAULT_MODEL.md). torch
-    reads the variable once, at its first tensor, so this works only before torch is imported; returns
-    whether it was set here."""
+    step 500 on (docs/DEFAULT_MODEL.md). torch reads the variable once, at its first tensor, so this works
+    only before torch is imported; returns whether it was set here."""
     if "torch" in sys.modules or "THP_MEM_ALLOC_ENABLE" in os.environ:
         return False
     os.environ["THP_MEM_ALLOC_ENABLE"] = "1"

@@ -995,10 +995,11 @@ def test_kosmos2_train_asks_torch_for_huge_pages_unless_told_otherwise():
         "print(T.use_huge_pages(), os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch' in sys.modules)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True)  # noqa: E731
-    assert run(env).stdout.split() == ["True", "1", "False"]
-    assert run({**env, "THP_MEM_ALLOC_ENABLE": "0"}).stdout.split() == ["False", "0", "False"]
-    after_torch = subprocess.run(
-        [sys.executable, "-c", "import torch\n" + code], env=env, capture_output=True, text=True
-    )
-    assert after_torch.stdout.split() == ["False", "None", "True"]
+
+    def run(env: dict[str, str], first: str = "") -> list[str]:
+        done = subprocess.run([sys.executable, "-c", first + code], env=env, capture_output=True, text=True)
+        return done.stdout.split()
+
+    assert run(env) == ["True", "1", "False"]
+    assert run({**env, "THP_MEM_ALLOC_ENABLE": "0"}) == ["False", "0", "False"]
+    assert run(env, first="import torch\n") == ["False", "None", "True"]
