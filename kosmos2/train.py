@@ -103,6 +103,9 @@ class Recipe:
     scenes_per_step: int = 16
     samples_per_scene: int = 4
     mixture: dict[str, float] = field(default_factory=_default_mixture)
+    # weights of the plain VQA question kinds (synthetic.VQA_KINDS; a kind not named weighs 1), e.g.
+    # {"count": 2.5}; empty: each kind alike
+    vqa_kinds: dict[str, float] = field(default_factory=dict)
     lr: float = 1e-3
     final_lr_fraction: float = 0.1
     warmup_steps: int = 100
@@ -171,7 +174,7 @@ class Recipe:
 
     def validate(self) -> Recipe:
         from kosmos2.config import PRESETS
-        from kosmos2.data.synthetic import TASKS
+        from kosmos2.data.synthetic import TASKS, check_vqa_kinds
 
         if self.preset not in PRESETS:
             raise ValueError(f"recipe preset {self.preset!r} is not one of {sorted(PRESETS)}")
@@ -183,6 +186,10 @@ class Recipe:
             raise ValueError(f"recipe mixture {self.mixture} must name tasks of {TASKS}")
         if any(not w >= 0 for w in self.mixture.values()) or sum(self.mixture.values()) <= 0:
             raise ValueError(f"recipe mixture {self.mixture} needs weights >= 0 with a positive sum")
+        try:
+            check_vqa_kinds(self.vqa_kinds)
+        except ValueError as e:
+            raise ValueError(f"recipe {e}") from None
         if not self.lr > 0 or not 0 <= self.final_lr_fraction <= 1:
             raise ValueError(
                 f"recipe lr must be > 0 and final_lr_fraction in [0, 1], got {self.lr}, "
@@ -878,7 +885,7 @@ def batch_samples(recipe: Recipe, step: int) -> list[tuple[Any, list[dict[str, A
         rng = random.Random(synthetic.scene_seed("train", recipe.seed, "tasks", step, k))
         samples = []
         for task in rng.choices(names, weights=weights, k=recipe.samples_per_scene):
-            sample = synthetic.build_sample(scene, task, rng)
+            sample = synthetic.build_sample(scene, task, rng, recipe.vqa_kinds or None)
             if sample is not None:
                 samples.append(sample)
         if samples:

@@ -9,6 +9,7 @@ are compared with boxes by looking at the rendered picture.
 from __future__ import annotations
 
 import math
+import random
 import re
 import time
 from collections import Counter
@@ -550,6 +551,33 @@ def test_corpus_is_plain_text_of_the_world():
         assert word in text
 
 
+def test_vqa_kinds_weights_decide_which_question_is_asked():
+    scenes = [S.make_scene(S.scene_seed("train", 3, i)) for i in range(600)]
+
+    def kinds(weights):
+        samples = [S.build_sample(sc, "vqa", i, weights) for i, sc in enumerate(scenes)]
+        return Counter(s["kind"] if s else None for s in samples)
+
+    # no weights: the stream the evaluation sets and older recipes draw (the same rng, the same samples)
+    for i, sc in enumerate(scenes[:50]):
+        assert S.build_sample(sc, "vqa", i) == S.build_sample(sc, "vqa", i, None)
+    only = kinds({"count": 1, "color": 0, "shape": 0, "size": 0, "where": 0, "exists": 0})
+    # a count of a random description with a held-out colour-shape pair is not posed: no question then
+    assert set(only) == {"count", None} and only["count"] > 550
+    alike, count3 = kinds(None), kinds({"count": 3})
+    assert set(count3) == set(S.VQA_KINDS) and None not in alike  # another kind stands in
+    assert count3["count"] > 2 * alike["count"]
+    # the kind tried first: weight / total (3/8 for count, 1/8 for each other kind), drawn without replacement
+    rng = random.Random(0)
+    weights = S.check_vqa_kinds({"count": 3})
+    orders = [S._kind_order(rng, weights) for _ in range(4000)]
+    assert all(sorted(o) == sorted(S.VQA_KINDS) for o in orders)
+    first = Counter(o[0] for o in orders)
+    for kind in S.VQA_KINDS:
+        p = 3 / 8 if kind == "count" else 1 / 8
+        assert abs(first[kind] / 4000 - p) < 3.5 * (p * (1 - p) / 4000) ** 0.5
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
@@ -565,6 +593,9 @@ def test_corpus_is_plain_text_of_the_world():
         (lambda: S.render("scene"), "needs a Scene"),
         (lambda: S.corpus(-1), "n -1"),
         (lambda: next(S.iter_samples(per_scene=0)), "per_scene 0"),
+        (lambda: S.build_sample(S.make_scene(1), "vqa", 0, {"counting": 2}), "names 'counting'"),
+        (lambda: S.build_sample(S.make_scene(1), "vqa", 0, {"count": -1}), "weight -1 for 'count'"),
+        (lambda: S.build_sample(S.make_scene(1), "vqa", 0, dict.fromkeys(S.VQA_KINDS, 0)), "no question"),
     ],
 )
 def test_bad_arguments_are_named(call, message):

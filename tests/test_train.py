@@ -88,6 +88,8 @@ def test_recipes_validate_and_reject_bad_fields():
         T.get_recipe("test", vision_layers=-1)
     with pytest.raises(ValueError, match="recipe group_loss_weight must be >= 0"):
         T.get_recipe("test", group_loss_weight=-0.5)
+    with pytest.raises(ValueError, match="recipe vqa_kinds names 'counting'"):
+        T.get_recipe("test", vqa_kinds={"counting": 2})
     r = T.get_recipe("test", lr=5e-4)
     assert T.Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
 
@@ -124,6 +126,19 @@ def test_batch_is_a_pure_function_of_seed_and_step(tokenizer):
     assert not torch.equal(a.pixel_values, c.pixel_values)
     d = T.make_batch(T.get_recipe("test", steps=STEPS, seed=1), 3, tokenizer, 28, 64)
     assert not torch.equal(a.pixel_values, d.pixel_values)
+
+
+def test_vqa_kinds_reach_the_batch_and_empty_keeps_the_old_stream():
+    r = T.get_recipe("test", scenes_per_step=24, samples_per_scene=4, mixture={"vqa": 1, "rec": 1})
+    old = T.batch_samples(r, 0)
+    assert T.batch_samples(dataclasses.replace(r, vqa_kinds={}), 0) == old  # the shipped run's batches
+    counts = T.batch_samples(dataclasses.replace(r, vqa_kinds={"count": 1, **dict.fromkeys(NOT_COUNT, 0)}), 0)
+    vqa = [s for _, group in counts for s in group if s["task"] == "vqa"]
+    assert len(vqa) > 20 and {s["kind"] for s in vqa} == {"count"}
+    assert sum(s["kind"] != "count" for _, group in old for s in group if s["task"] == "vqa") > 0
+
+
+NOT_COUNT = ("color", "shape", "size", "where", "exists")
 
 
 @pytest.mark.parametrize("loss_on", ["all", "target"])

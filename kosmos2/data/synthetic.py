@@ -137,6 +137,7 @@ BACKGROUND_KINDS = ("flat", "gradient", "stripes", "checker", "blotches", "noise
 SPLITS = ("train", "test", "compositional")
 SPLIT_SEEDS = {"test": 1, "compositional": 2}  # the fixed seeds of the evaluation splits
 TASKS = ("grounded_caption", "caption", "rec", "phrase_grounding", "reg", "grounded_vqa", "vqa")
+VQA_KINDS = ("count", "color", "shape", "size", "where", "exists")  # the plain VQA questions
 DEFAULT_MIXTURE = {
     "grounded_caption": 0.2,
     "caption": 0.05,
@@ -730,7 +731,12 @@ def _sample(
     return sample
 
 
-def build_sample(scene: Scene, task: str, rng: random.Random | int = 0) -> dict[str, Any] | None:
+def build_sample(
+    scene: Scene,
+    task: str,
+    rng: random.Random | int = 0,
+    vqa_kinds: Mapping[str, float] | None = None,
+) -> dict[str, Any] | None:
     """One `task` sample on `scene`, or None when the scene cannot pose it (no object can be singled out).
 
     The sample is a dict:
@@ -749,9 +755,12 @@ def build_sample(scene: Scene, task: str, rng: random.Random | int = 0) -> dict[
                                "color", "shape", "size", "where", "exists")
 
     On a compositional scene the queried object is always one with a held-out shape×colour pair.
+    vqa_kinds (task "vqa" only): weights of the question kinds (VQA_KINDS; a kind not named weighs 1), the
+    kind asked drawn by them; None asks each kind alike (the evaluation sets' questions).
     """
     if task not in TASKS:
         raise ValueError(f"task {task!r} is not one of {TASKS}")
+    weights = None if vqa_kinds is None else check_vqa_kinds(vqa_kinds)
     if not isinstance(rng, random.Random):
         rng = random.Random(rng)
     facts = _Facts(scene)
@@ -759,7 +768,24 @@ def build_sample(scene: Scene, task: str, rng: random.Random | int = 0) -> dict[
         focus = [i for i, o in enumerate(scene.objects) if (o.shape, o.colour) in HELD_OUT_PAIRS]
     else:
         focus = list(range(len(scene.objects)))
+    if task == "vqa":
+        return _build_vqa(facts, focus, rng, weights)
     return _BUILDERS[task](facts, focus, rng)
+
+
+def check_vqa_kinds(vqa_kinds: Mapping[str, float]) -> list[float]:
+    """The weight of each of VQA_KINDS (1 for a kind not named); a clear error for a bad mapping."""
+    if not isinstance(vqa_kinds, Mapping):
+        raise ValueError(f"vqa_kinds {vqa_kinds!r} must map question kinds {VQA_KINDS} to weights")
+    for kind, w in vqa_kinds.items():
+        if kind not in VQA_KINDS:
+            raise ValueError(f"vqa_kinds names {kind!r}, not a question kind of {VQA_KINDS}")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"vqa_kinds weight {w!r} for {kind!r} must be a finite number >= 0")
+    weights = [float(vqa_kinds.get(kind, 1.0)) for kind in VQA_KINDS]
+    if sum(weights) <= 0:
+        raise ValueError(f"vqa_kinds {dict(vqa_kinds)} gives no question kind a positive weight")
+    return weights
 
 
 def _build_caption(facts: _Facts, focus: list[int], rng: random.Random, grounded: bool) -> dict[str, Any]:
@@ -867,9 +893,10 @@ def _build_grounded_vqa(facts: _Facts, focus: list[int], rng: random.Random) -> 
     )
 
 
-def _build_vqa(facts: _Facts, focus: list[int], rng: random.Random) -> dict[str, Any] | None:
-    kinds = ["count", "color", "shape", "size", "where", "exists"]
-    rng.shuffle(kinds)
+def _build_vqa(
+    facts: _Facts, focus: list[int], rng: random.Random, weights: list[float] | None = None
+) -> dict[str, Any] | None:
+    kinds = _kind_order(rng, weights)
     compositional = facts.scene.split == "compositional"
     for kind in kinds:
         qa = _VQA[kind](facts, focus, rng, compositional)
@@ -886,6 +913,20 @@ def _build_vqa(facts: _Facts, focus: list[int], rng: random.Random) -> dict[str,
                 kind=kind,
             )
     return None
+
+
+def _kind_order(rng: random.Random, weights: list[float] | None) -> list[str]:
+    """The order in which _build_vqa tries the question kinds (the first the scene can pose is asked)."""
+    if weights is None:  # every kind alike
+        kinds = list(VQA_KINDS)
+        rng.shuffle(kinds)
+        return kinds
+    # drawn by weight without replacement; a kind of weight 0 is never asked
+    kinds, left = [], [(k, w) for k, w in zip(VQA_KINDS, weights, strict=True) if w > 0]
+    while left:
+        i = rng.choices(range(len(left)), weights=[w for _, w in left])[0]
+        kinds.append(left.pop(i)[0])
+    return kinds
 
 
 def _vqa_count(facts: _Facts, focus: list[int], rng: random.Random, compositional: bool) -> _QA:
