@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         # the model picks the plain kernel on CPU itself; for "shared-fused" undo that choice
         with fused() if mode == "shared-fused" else contextlib.nullcontext():
             t0 = time.perf_counter()
-            losses = T.compute_losses(model, data[mode][i], recipe.bf16, head, recipe.slot_loss_weight)
+            losses = T.compute_losses(
+                model, data[mode][i], bf16=recipe.bf16, head=head, slot_weight=recipe.slot_loss_weight
+            )
             losses["loss"].backward()
             seconds = time.perf_counter() - t0
         model.zero_grad(set_to_none=True)
@@ -99,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     modes = list(data)
     model.eval()
     with torch.no_grad():
-        check = {m: float(T.compute_losses(model, data[m][0], recipe.bf16, head)["lm"]) for m in modes}
+        check = {
+            m: float(T.compute_losses(model, data[m][0], bf16=recipe.bf16, head=head)["lm"]) for m in modes
+        }
     model.train()
     times: dict[str, list[float]] = {m: [] for m in modes}
     for m in modes:

@@ -994,6 +994,7 @@ def split_prefixes(rows: list[tuple]) -> tuple[Prefix, list[tuple]]:
 def compute_losses(
     model: Kosmos2,
     batch: Batch,
+    *,
     bf16: bool = False,
     head: torch.nn.Linear | None = None,
     slot_weight: float = 1.0,
@@ -1086,7 +1087,7 @@ def compute_losses(
 
 def compute_loss(model: Kosmos2, batch: Batch, bf16: bool = False) -> torch.Tensor:
     """Mean cross-entropy over all target tokens of the batch (`compute_losses`' language-model loss)."""
-    return compute_losses(model, batch, bf16)["lm"]
+    return compute_losses(model, batch, bf16=bf16)["lm"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1393,15 +1394,15 @@ def train(
             losses = compute_losses(
                 model,
                 batch,
-                recipe.bf16,
-                head,
-                recipe.slot_loss_weight,
-                pointer,
-                recipe.pointer_loss_weight,
-                counter,
-                recipe.count_loss_weight,
-                recipe.count_layer,
-                recipe.group_loss_weight,
+                bf16=recipe.bf16,
+                head=head,
+                slot_weight=recipe.slot_loss_weight,
+                pointer=pointer,
+                pointer_weight=recipe.pointer_loss_weight,
+                counter=counter,
+                count_weight=recipe.count_loss_weight,
+                count_layer=recipe.count_layer,
+                group_weight=recipe.group_loss_weight,
             )
             loss = losses["loss"]
             optimizer.zero_grad()

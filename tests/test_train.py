@@ -884,7 +884,7 @@ def test_count_loss_reads_the_tap_at_the_end_of_the_prefix(finished_run, tokeniz
     batch = T.make_batch(r, 0, tokenizer, config.vision.image_size, config.latent_query_num, counts=True)
     counter = T.build_count_head(r, model)
     with torch.no_grad():
-        losses = T.compute_losses(model, batch, False, None, 1.0, None, 1.0, counter, 0.5, 1)
+        losses = T.compute_losses(model, batch, counter=counter, count_weight=0.5, count_layer=1)
         decoder = model.text_model.model
         embeds = model.encode_image(batch.pixel_values)
         ids, mask = batch.prefix.input_ids, batch.prefix.image_mask
