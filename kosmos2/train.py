@@ -106,6 +106,9 @@ class Recipe:
     # weights of the plain VQA question kinds (synthetic.VQA_KINDS; a kind not named weighs 1), e.g.
     # {"count": 2.5}; empty: each kind alike
     vqa_kinds: dict[str, float] = field(default_factory=dict)
+    # chance that a new object of a train scene copies an earlier one's attributes (groups of identical
+    # objects: counting); None: the world's synthetic.P_COPY (0.25), which the held-out sets always use
+    p_copy: float | None = None
     lr: float = 1e-3
     final_lr_fraction: float = 0.1
     warmup_steps: int = 100
@@ -174,7 +177,7 @@ class Recipe:
 
     def validate(self) -> Recipe:
         from kosmos2.config import PRESETS
-        from kosmos2.data.synthetic import TASKS, check_vqa_kinds
+        from kosmos2.data.synthetic import TASKS, check_p_copy, check_vqa_kinds
 
         if self.preset not in PRESETS:
             raise ValueError(f"recipe preset {self.preset!r} is not one of {sorted(PRESETS)}")
@@ -188,6 +191,7 @@ class Recipe:
             raise ValueError(f"recipe mixture {self.mixture} needs weights >= 0 with a positive sum")
         try:
             check_vqa_kinds(self.vqa_kinds)
+            check_p_copy(self.p_copy)
         except ValueError as e:
             raise ValueError(f"recipe {e}") from None
         if not self.lr > 0 or not 0 <= self.final_lr_fraction <= 1:
@@ -322,6 +326,8 @@ def get_recipe(name: str, **overrides: Any) -> Recipe:
 def _typed(name: str, value: Any, default: Any) -> Any:
     """`value` for recipe field `name` as the type of its `default` (an int where a float goes becomes a
     float; a list where a tuple goes, a tuple), or a ValueError naming the field."""
+    if default is None:  # an optional field (p_copy): validate() checks it
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
     kind = type(default)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -775,7 +781,11 @@ def center_connector(model: Kosmos2, recipe: Recipe, scenes: int = 64) -> None:
     from kosmos2.image import preprocess
 
     images = [
-        synthetic.render(synthetic.make_scene(synthetic.scene_seed("train", recipe.seed, "init", i)))
+        synthetic.render(
+            synthetic.make_scene(
+                synthetic.scene_seed("train", recipe.seed, "init", i), "train", recipe.p_copy
+            )
+        )
         for i in range(scenes)
     ]
     pixels = preprocess(images, size=model.config.vision.image_size)
@@ -882,7 +892,8 @@ def batch_samples(recipe: Recipe, step: int) -> list[tuple[Any, list[dict[str, A
     weights = [recipe.mixture[t] for t in names]
     out = []
     for k in range(recipe.scenes_per_step):
-        scene = synthetic.make_scene(synthetic.scene_seed("train", recipe.seed, "scene", step, k), "train")
+        seed = synthetic.scene_seed("train", recipe.seed, "scene", step, k)
+        scene = synthetic.make_scene(seed, "train", recipe.p_copy)
         rng = random.Random(synthetic.scene_seed("train", recipe.seed, "tasks", step, k))
         samples = []
         for task in rng.choices(names, weights=weights, k=recipe.samples_per_scene):

@@ -578,10 +578,47 @@ def test_vqa_kinds_weights_decide_which_question_is_asked():
         assert abs(first[kind] / 4000 - p) < 3.5 * (p * (1 - p) / 4000) ** 0.5
 
 
+def test_p_copy_none_is_the_world_and_a_higher_one_copies_that_often():
+    # None and the world's constant draw the same scenes as before the argument existed
+    assert all(
+        S.make_scene(i) == S.make_scene(i, "train", None) == S.make_scene(i, "train", S.P_COPY)
+        for i in range(50)
+    )
+    # at p_copy = 1 - P_DISTRACTOR no object is drawn at random: each one after the first copies an earlier
+    # one or changes exactly one attribute of an earlier one
+    p = 1 - S.P_DISTRACTOR
+    rng = random.Random(3)
+    for _ in range(300):
+        triples = S._sample_attributes(rng, 6, compositional=False, p_copy=p)
+        for k in range(1, 6):
+            assert min(sum(a != b for a, b in zip(triples[k], t, strict=True)) for t in triples[:k]) <= 1
+    # with one earlier object (and no held-out pairs to redraw: the compositional split) the second is a
+    # copy with chance p_copy, or a random draw (the rest after distractors) that lands on it by chance; a
+    # one-attribute change cannot equal the object it changed
+    kinds = len(S.SIZES) * len(S.COLOURS) * len(S.SHAPES)
+    for p_copy in (0.1, 0.45):
+        copies = sum(a == b for a, b in (S._sample_attributes(rng, 2, True, p_copy) for _ in range(3000)))
+        same = p_copy + (1 - p_copy - S.P_DISTRACTOR) / kinds
+        assert abs(copies / 3000 - same) < 3.5 * (same * (1 - same) / 3000) ** 0.5
+
+    # more copies make more groups of identical objects in the scenes a recipe trains on
+    def grouped(p_copy):
+        n = total = 0
+        for i in range(400):
+            objects = S.make_scene(S.scene_seed("train", 0, "copy", i), "train", p_copy).objects
+            kinds = Counter((o.size, o.colour, o.shape) for o in objects)
+            n += sum(v for v in kinds.values() if v > 1)
+            total += len(objects)
+        return n / total
+
+    assert grouped(0.45) > grouped(None) + 0.1
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
         (lambda: S.make_scene(1, "val"), "split 'val'"),
+        (lambda: S.make_scene(1, "train", 0.9), "p_copy 0.9 must be a chance between 0 and 0.65"),
         (lambda: S.make_scene("7"), "scene_id '7'"),
         (lambda: S.build_sample(S.make_scene(1), "detection"), "task 'detection'"),
         (lambda: next(S.iter_samples(tasks="rec")), "list of task names"),

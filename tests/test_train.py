@@ -90,6 +90,8 @@ def test_recipes_validate_and_reject_bad_fields():
         T.get_recipe("test", group_loss_weight=-0.5)
     with pytest.raises(ValueError, match="recipe vqa_kinds names 'counting'"):
         T.get_recipe("test", vqa_kinds={"counting": 2})
+    with pytest.raises(ValueError, match="recipe p_copy -0.1 must be a chance"):
+        T.get_recipe("test", p_copy=-0.1)
     r = T.get_recipe("test", lr=5e-4)
     assert T.Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
 
@@ -136,6 +138,18 @@ def test_vqa_kinds_reach_the_batch_and_empty_keeps_the_old_stream():
     vqa = [s for _, group in counts for s in group if s["task"] == "vqa"]
     assert len(vqa) > 20 and {s["kind"] for s in vqa} == {"count"}
     assert sum(s["kind"] != "count" for _, group in old for s in group if s["task"] == "vqa") > 0
+
+
+def test_p_copy_reaches_the_batch_and_none_keeps_the_old_stream():
+    r = T.get_recipe("test", scenes_per_step=16)
+    old = T.batch_samples(r, 0)
+    assert T.batch_samples(dataclasses.replace(r, p_copy=0.25), 0) == old  # the world's P_COPY
+    more = T.batch_samples(dataclasses.replace(r, p_copy=0.65), 0)
+    seeds = [synthetic.scene_seed("train", r.seed, "scene", 0, k) for k in range(16)]
+    assert [scene for scene, _ in more] == [synthetic.make_scene(s, "train", 0.65) for s in seeds]
+    assert [scene for scene, _ in more] != [scene for scene, _ in old]
+    saved = T.get_recipe("test", p_copy=0.5).to_dict()
+    assert T.Recipe.from_dict(json.loads(json.dumps(saved))).p_copy == 0.5
 
 
 NOT_COUNT = ("color", "shape", "size", "where", "exists")

@@ -96,6 +96,7 @@ __all__ = [
     "Scene",
     "SceneObject",
     "build_sample",
+    "check_p_copy",
     "corpus",
     "grit_record",
     "iter_samples",
@@ -251,15 +252,19 @@ def scene_seed(split: str, seed: int, *index: object) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def make_scene(scene_id: int, split: str = "train") -> Scene:
+def make_scene(scene_id: int, split: str = "train", p_copy: float | None = None) -> Scene:
     """The scene with this id: train/test scenes never hold a HELD_OUT_PAIRS object, compositional ones do.
 
     The id alone decides the scene (train and test give one scene for one id; the splits differ by the ids
-    their streams draw).
+    their streams draw). p_copy: the chance that a new object copies an earlier one's attributes (groups of
+    identical objects, what counting is about); None is the world's P_COPY, which every held-out set uses.
+    Training may ask for more groups (`Recipe.p_copy`); the random draws are the same, so only the
+    attributes that copying decides change.
     """
     _check_split(split)
     if isinstance(scene_id, bool) or not isinstance(scene_id, int):
         raise ValueError(f"scene_id {scene_id!r} must be an int (a seed, e.g. from scene_seed)")
+    p_copy = check_p_copy(p_copy)
     rng = random.Random(scene_id)
     log_aspect = rng.uniform(math.log(ASPECT_RANGE[0]), math.log(ASPECT_RANGE[1]))
     side = rng.uniform(*SIDE_RANGE)
@@ -267,7 +272,7 @@ def make_scene(scene_id: int, split: str = "train") -> Scene:
     height = round(side * math.exp(-log_aspect / 2))
     background = _sample_background(rng, width, height)
     n = rng.choices(OBJECT_COUNTS, weights=OBJECT_COUNT_WEIGHTS)[0]
-    attributes = _sample_attributes(rng, n, compositional=split == "compositional")
+    attributes = _sample_attributes(rng, n, compositional=split == "compositional", p_copy=p_copy)
     objects = _place(rng, attributes, width, height, overlap=rng.random() < P_OVERLAP)
     return Scene(scene_id, split, width, height, background, objects)
 
@@ -287,7 +292,25 @@ def _sample_background(rng: random.Random, width: int, height: int) -> Backgroun
     return Background(kind, colour1, colour2, period, rng.uniform(0, math.pi), noise, rng.getrandbits(32))
 
 
-def _sample_attributes(rng: random.Random, n: int, compositional: bool) -> list[tuple[str, str, str]]:
+def check_p_copy(p_copy: float | None) -> float:
+    """p_copy as a float (None: P_COPY), or a ValueError naming it: a chance in [0, 1 - P_DISTRACTOR]."""
+    if p_copy is None:
+        return P_COPY
+    if (
+        isinstance(p_copy, bool)
+        or not isinstance(p_copy, (int, float))
+        or not 0 <= p_copy <= 1 - P_DISTRACTOR
+    ):
+        raise ValueError(
+            f"p_copy {p_copy!r} must be a chance between 0 and {1 - P_DISTRACTOR:g} (1 - P_DISTRACTOR, "
+            f"the distractors' share); None keeps the world's {P_COPY}"
+        )
+    return float(p_copy)
+
+
+def _sample_attributes(
+    rng: random.Random, n: int, compositional: bool, p_copy: float = P_COPY
+) -> list[tuple[str, str, str]]:
     """n (size, colour, shape) triples; copies make counts, one-attribute changes make distractors."""
     out: list[tuple[str, str, str]] = []
     for i in range(n):
@@ -297,9 +320,9 @@ def _sample_attributes(rng: random.Random, n: int, compositional: bool) -> list[
             continue
         while True:
             r = rng.random()
-            if out and r < P_COPY:
+            if out and r < p_copy:
                 triple = rng.choice(out)
-            elif out and r < P_COPY + P_DISTRACTOR:
+            elif out and r < p_copy + P_DISTRACTOR:
                 values = list(rng.choice(out))
                 k = rng.randrange(3)
                 values[k] = rng.choice([v for v in (SIZES, tuple(COLOURS), SHAPES)[k] if v != values[k]])
