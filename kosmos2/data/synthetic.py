@@ -1045,8 +1045,7 @@ _BUILDERS = {
     "phrase_grounding": _build_phrase,
     "reg": _build_reg,
     "grounded_vqa": _build_grounded_vqa,
-    "vqa": _build_vqa,
-}
+}  # "vqa" is built by _build_vqa with the kinds' weights (build_sample)
 
 
 # ------------------------------------------------------------------------------------------------------------
