@@ -606,8 +606,8 @@ def test_p_copy_none_is_the_world_and_a_higher_one_copies_that_often():
         n = total = 0
         for i in range(400):
             objects = S.make_scene(S.scene_seed("train", 0, "copy", i), "train", p_copy).objects
-            kinds = Counter((o.size, o.colour, o.shape) for o in objects)
-            n += sum(v for v in kinds.values() if v > 1)
+            members = Counter((o.size, o.colour, o.shape) for o in objects)
+            n += sum(v for v in members.values() if v > 1)
             total += len(objects)
         return n / total
 
