@@ -167,6 +167,12 @@ class Recipe:
     # share_prefix
     count_loss_weight: float = 0.0
     count_layer: int = 2
+    # loss weight of the target tokens the decoder writes right after `<phrase>` or `</object>`: in a
+    # grounded caption the word that opens a phrase ("a", "two", "three": how many identical objects the
+    # group holds) and the word after a group's boxes ("," more than one group left, "and" one left, "."
+    # none): the caption's counting decisions. The "lm" diagnostic stays the plain mean; 1 = every target
+    # token alike
+    decision_weight: float = 1.0
     # exponential moving average of the weights, exported instead of the last step's (0 = off): after each
     # step ema += (1 - d) * (weights - ema) with d = min(ema_decay, (1 + step) / (10 + step)); the checkpoint
     # keeps both, so a resumed run ends the same
@@ -217,6 +223,8 @@ class Recipe:
             )
         if not self.group_loss_weight >= 0:
             raise ValueError(f"recipe group_loss_weight must be >= 0, got {self.group_loss_weight}")
+        if not self.decision_weight >= 0:
+            raise ValueError(f"recipe decision_weight must be >= 0, got {self.decision_weight}")
         if (
             isinstance(self.vision_layers, bool)
             or not isinstance(self.vision_layers, int)
@@ -1016,6 +1024,8 @@ def compute_losses(
     count_weight: float = 1.0,
     count_layer: int = 2,
     group_weight: float = 1.0,
+    decision_ids: Sequence[int] = (),
+    decision_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """The losses of one batch: "lm", the mean cross-entropy over all target tokens of the batch;
     "location", the same over its location tokens only (a diagnostic; chance is ln 1024 = 6.93); with a slot
@@ -1024,7 +1034,9 @@ def compute_losses(
     box (`pointer_loss`); with a `counter` and
     `batch.counts` (a shared prefix only), "counts", the count loss (`count_loss`) read at `</image>` after
     `count_layer` blocks; "loss", what training minimises: lm + slot_weight * slots + pointer_weight *
-    pointer + count_weight * counts.
+    pointer + count_weight * counts, where with `decision_weight` != 1 the lm term weighs the target tokens
+    that follow one of `decision_ids` (input tokens) by `decision_weight` (the sum over the batch's target
+    tokens, still divided by their number; "lm" itself stays the plain mean).
 
     The image encoder runs once per scene; each chunk's rows take their scene's embeddings.
     """
@@ -1035,6 +1047,9 @@ def compute_losses(
 
     device = batch.pixel_values.device
     lm = torch.zeros((), device=device)
+    weighted = decision_weight != 1 and len(decision_ids) > 0
+    lm_weighted = torch.zeros((), device=device)
+    deciding = torch.tensor(list(decision_ids), dtype=torch.long, device=device)
     location = torch.zeros((), device=device)
     location_count = 0
     pointed = torch.zeros((), device=device)
@@ -1079,15 +1094,18 @@ def compute_losses(
             logits = decoder.lm_head(h[learned])  # the output head only where the loss is
             ce = F.cross_entropy(logits.float(), targets, reduction="none")
             lm = lm + ce.sum()
+            if weighted:
+                at = torch.isin(chunk.input_ids[learned], deciding)
+                lm_weighted = lm_weighted + torch.where(at, ce * decision_weight, ce).sum()
             is_location = targets >= batch.location_start
             location = location + ce[is_location].detach().sum()
             location_count += int(is_location.sum())
     losses = {"lm": lm / max(batch.loss_tokens, 1)}
     losses["location"] = location / max(location_count, 1)
-    losses["loss"] = losses["lm"]
+    losses["loss"] = lm_weighted / max(batch.loss_tokens, 1) if weighted else losses["lm"]
     if head is not None and batch.slots is not None:
         losses["slots"] = slot_loss(head, embeds, batch.slots, group_weight)
-        losses["loss"] = losses["lm"] + slot_weight * losses["slots"]
+        losses["loss"] = losses["loss"] + slot_weight * losses["slots"]
     if pointer is not None:
         losses["pointer"] = pointed / max(pointer_count, 1)
         losses["loss"] = losses["loss"] + pointer_weight * losses["pointer"]
@@ -1330,6 +1348,7 @@ def train(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device}: this torch build sees no CUDA device; use --device cpu")
 
+    from kosmos2.grounding import OBJECT_END, PHRASE_START
     from kosmos2.tokenizer import Kosmos2Tokenizer
 
     recipe.validate()
@@ -1394,6 +1413,7 @@ def train(
     bar = Progress(recipe.steps, step, progress_stream) if progress and step < end else None
     params = list(model.parameters()) + list(heads.parameters())
     grid = patch_grid(config) if head is not None else None
+    decision_ids = [tokenizer.token_to_id(t) for t in (PHRASE_START, OBJECT_END)]
     model.train()
     with _flush_denormals(device.type == "cpu"), open(out / LOG_FILE, "a", encoding="utf-8") as log:
         while step < end:
@@ -1415,6 +1435,8 @@ def train(
                 count_weight=recipe.count_loss_weight,
                 count_layer=recipe.count_layer,
                 group_weight=recipe.group_loss_weight,
+                decision_ids=decision_ids,
+                decision_weight=recipe.decision_weight,
             )
             loss = losses["loss"]
             optimizer.zero_grad()

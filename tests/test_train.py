@@ -211,6 +211,58 @@ def test_chunked_right_padded_loss_equals_each_row_alone(tokenizer):
     assert float(loss) == pytest.approx(total / count, rel=1e-5)
 
 
+def test_decision_weight_weighs_the_tokens_after_phrase_and_object_end(tokenizer):
+    """With `decision_weight` w, the training loss is the rows' cross-entropy summed with weight w on the
+    targets whose input token is `<phrase>` or `</object>` (worked out here from each row run alone, the
+    decision tokens found by their text), divided by the number of target tokens; "lm" stays the plain
+    mean; w = 1 leaves the loss the plain mean bit for bit."""
+    r = T.get_recipe("test", scenes_per_step=6, samples_per_scene=4, mixture={"grounded_caption": 1.0})
+    model = T.build_model(r, tokenizer).eval()
+    batch = T.make_batch(r, 5, tokenizer, 28, 64)
+    ids = [tokenizer.token_to_id(grounding.PHRASE_START), tokenizer.token_to_id(grounding.OBJECT_END)]
+    with torch.no_grad():
+        plain = T.compute_losses(model, batch)
+        same = T.compute_losses(model, batch, decision_ids=ids, decision_weight=1.0)
+        weighted = T.compute_losses(model, batch, decision_ids=ids, decision_weight=2.5)
+        embeds = model.encode_image(batch.pixel_values)
+        total, count, after = 0.0, 0, []
+        for chunk in batch.chunks:
+            for row, targets, mask, scene in zip(
+                chunk.input_ids, chunk.targets, chunk.image_mask, chunk.image_index, strict=True
+            ):
+                n = int((row != tokenizer.pad_id).sum())
+                logits, _ = model(row[None, :n], image_embeds=embeds[scene][None], image_mask=mask[None, :n])
+                ce = F.cross_entropy(logits[0], targets[:n], reduction="none", ignore_index=-100)
+                for t in range(n):
+                    if int(targets[t]) == -100:
+                        continue
+                    count += 1
+                    decides = tokenizer.id_to_token(int(row[t])) in ("<phrase>", "</object>")
+                    total += float(ce[t]) * (2.5 if decides else 1.0)
+                    if decides:
+                        after.append(tokenizer.decode([int(targets[t])]).strip())
+    # a `<phrase>` and a `</object>` in the target for each phrase of each caption, and "a" opens one
+    phrases = sum(len(sample["entities"]) for _, samples in T.batch_samples(r, 5) for sample in samples)
+    assert len(after) == 2 * phrases and "a" in after
+    assert float(same["loss"]) == float(plain["loss"]) == float(plain["lm"])
+    assert float(weighted["lm"]) == float(plain["lm"])
+    assert float(weighted["loss"]) == pytest.approx(total / count, rel=1e-5)
+    assert float(weighted["loss"]) > float(plain["lm"])
+    with pytest.raises(ValueError, match="recipe decision_weight must be >= 0"):
+        T.get_recipe("test", decision_weight=-1.0)
+
+
+def test_decision_weight_run_logs_and_resumes_to_the_same_weights(tmp_path):
+    """The recipe's weight reaches the step: the first logged loss differs from the same run at weight 1,
+    its "lm" does not; a stopped and resumed run ends with the same weights."""
+    r = T.get_recipe("test", share_prefix=True, decision_weight=3.0, steps=4)
+    whole, log = _whole_and_resumed_exports(r, tmp_path)
+    T.train(dataclasses.replace(r, decision_weight=1.0, steps=1), tmp_path / "plain", progress=False)
+    plain = json.loads((tmp_path / "plain" / T.LOG_FILE).read_text().splitlines()[0])
+    assert log[0]["step"] == plain["step"] == 1
+    assert log[0]["loss_lm"] == plain["loss_lm"] and log[0]["loss"] > plain["loss"]
+
+
 def test_scaled_init_centres_the_image_slots_and_std_init_is_the_models_own(tokenizer):
     from kosmos2.data import synthetic
     from kosmos2.image import preprocess
