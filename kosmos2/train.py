@@ -1049,7 +1049,8 @@ def compute_losses(
     lm = torch.zeros((), device=device)
     weighted = decision_weight != 1 and len(decision_ids) > 0
     lm_weighted = torch.zeros((), device=device)
-    deciding = torch.tensor(list(decision_ids), dtype=torch.long, device=device)
+    if weighted:
+        deciding = torch.tensor(list(decision_ids), dtype=torch.long, device=device)
     location = torch.zeros((), device=device)
     location_count = 0
     pointed = torch.zeros((), device=device)

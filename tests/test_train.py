@@ -188,6 +188,22 @@ def test_batch_rows_follow_the_prompt_layout_and_the_loss_mask_of_spec_3(tokeniz
             assert targets[-1] == -100
 
 
+def _rows_alone(model, batch: T.Batch, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each row of `batch` (one row per sample, no shared prefix) run alone through the model without its
+    padding: (input ids, targets, per-token cross-entropy, 0 where the target is -100)."""
+    embeds = model.encode_image(batch.pixel_values)
+    out = []
+    for chunk in batch.chunks:
+        for ids, targets, mask, scene in zip(
+            chunk.input_ids, chunk.targets, chunk.image_mask, chunk.image_index, strict=True
+        ):
+            n = int((ids != pad_id).sum())
+            logits, _ = model(ids[None, :n], image_embeds=embeds[scene][None], image_mask=mask[None, :n])
+            ce = F.cross_entropy(logits[0], targets[:n], reduction="none", ignore_index=-100)
+            out.append((ids[:n], targets[:n], ce))
+    return out
+
+
 def test_chunked_right_padded_loss_equals_each_row_alone(tokenizer):
     """The batch loss is the mean over all target tokens of every row computed alone (no padding)."""
     r = T.get_recipe("test", scenes_per_step=5, samples_per_scene=4)
@@ -196,17 +212,11 @@ def test_chunked_right_padded_loss_equals_each_row_alone(tokenizer):
     assert len(batch.chunks) >= 2 and len({c.input_ids.shape[1] for c in batch.chunks}) >= 2
     with torch.no_grad():
         loss = T.compute_loss(model, batch)
-        embeds = model.encode_image(batch.pixel_values)
         total, count = 0.0, 0
-        for chunk in batch.chunks:
-            for ids, targets, mask, scene in zip(
-                chunk.input_ids, chunk.targets, chunk.image_mask, chunk.image_index, strict=True
-            ):
-                n = int((ids != tokenizer.pad_id).sum())
-                logits, _ = model(ids[None, :n], image_embeds=embeds[scene][None], image_mask=mask[None, :n])
-                keep = targets[:n] != -100
-                total += float(F.cross_entropy(logits[0, keep], targets[:n][keep], reduction="sum"))
-                count += int(keep.sum())
+        for _, targets, ce in _rows_alone(model, batch, tokenizer.pad_id):
+            keep = targets != -100
+            total += float(ce[keep].sum())
+            count += int(keep.sum())
     assert count == batch.loss_tokens
     assert float(loss) == pytest.approx(total / count, rel=1e-5)
 
@@ -224,23 +234,16 @@ def test_decision_weight_weighs_the_tokens_after_phrase_and_object_end(tokenizer
         plain = T.compute_losses(model, batch)
         same = T.compute_losses(model, batch, decision_ids=ids, decision_weight=1.0)
         weighted = T.compute_losses(model, batch, decision_ids=ids, decision_weight=2.5)
-        embeds = model.encode_image(batch.pixel_values)
         total, count, after = 0.0, 0, []
-        for chunk in batch.chunks:
-            for row, targets, mask, scene in zip(
-                chunk.input_ids, chunk.targets, chunk.image_mask, chunk.image_index, strict=True
-            ):
-                n = int((row != tokenizer.pad_id).sum())
-                logits, _ = model(row[None, :n], image_embeds=embeds[scene][None], image_mask=mask[None, :n])
-                ce = F.cross_entropy(logits[0], targets[:n], reduction="none", ignore_index=-100)
-                for t in range(n):
-                    if int(targets[t]) == -100:
-                        continue
-                    count += 1
-                    decides = tokenizer.id_to_token(int(row[t])) in ("<phrase>", "</object>")
-                    total += float(ce[t]) * (2.5 if decides else 1.0)
-                    if decides:
-                        after.append(tokenizer.decode([int(targets[t])]).strip())
+        for row, targets, ce in _rows_alone(model, batch, tokenizer.pad_id):
+            for t in range(len(row)):
+                if int(targets[t]) == -100:
+                    continue
+                count += 1
+                decides = tokenizer.id_to_token(int(row[t])) in ("<phrase>", "</object>")
+                total += float(ce[t]) * (2.5 if decides else 1.0)
+                if decides:
+                    after.append(tokenizer.decode([int(targets[t])]).strip())
     # a `<phrase>` and a `</object>` in the target for each phrase of each caption, and "a" opens one
     phrases = sum(len(sample["entities"]) for _, samples in T.batch_samples(r, 5) for sample in samples)
     assert len(after) == 2 * phrases and "a" in after
