@@ -37,6 +37,7 @@ what to do. torch is imported only by `preprocess`.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -257,10 +258,9 @@ def _array_to_image(array: np.ndarray, name: str) -> Image.Image:
 def _to_rgb(image: Image.Image, name: str, exif_orientation: bool) -> Image.Image:
     """Any-mode PIL image -> a new RGB image: EXIF orientation, transparency over white, 16-bit scaled."""
     if exif_orientation:
-        try:
+        # a broken EXIF block only loses the orientation hint; the pixels are fine
+        with contextlib.suppress(Exception):
             image = ImageOps.exif_transpose(image)
-        except Exception:
-            pass  # a broken EXIF block only loses the orientation hint; the pixels are fine
 
     mode = image.mode
     if mode in ("RGBa", "La"):  # premultiplied alpha: undo the premultiplication first
