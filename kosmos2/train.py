@@ -661,6 +661,88 @@ def slot_loss(
     return loss
 
 
+def slot_report(out: torch.Tensor, targets: SlotTargets) -> dict[str, Any]:
+    """How well a slot read-out's outputs `out` [S, Q, K] (`slot_head_outputs` wide) match `targets`:
+    "objectness", the share of all slots whose logit sign agrees with cover; over the covered slots the
+    share of "colour", "shape" and "size" read right, "box_l1" the mean absolute box error (in patches);
+    with the "groups" read-out "place" likewise and "group", the confusion matrix of the group size (row:
+    true 1, 2, 3, 4+; column: read), and "group_recall", its diagonal over its row sums (None for an
+    empty row). "slots": the number of covered slots."""
+    from kosmos2.data import synthetic
+
+    out = out.float()
+    covered = targets.cover.bool()
+    report: dict[str, Any] = {
+        "slots": int(covered.sum()),
+        "objectness": float(((out[..., 0] > 0) == covered).float().mean()),
+    }
+    if out.shape[-1] == 1:
+        return report
+    picked = out[covered]  # [N, K]
+    k = 1
+    for name, n, labels in (
+        ("colour", len(synthetic.COLOURS), targets.colour),
+        ("shape", len(synthetic.SHAPES), targets.shape),
+        ("size", len(synthetic.SIZES), targets.size),
+    ):
+        report[name] = float((picked[:, k : k + n].argmax(-1) == labels[covered]).float().mean())
+        k += n
+    report["box_l1"] = float((picked[:, k : k + SLOT_BOX_TERMS] - targets.box[covered]).abs().mean())
+    k += SLOT_BOX_TERMS
+    if out.shape[-1] < k + GROUP_CLASSES + len(PLACE_CLASSES):
+        return report
+    read = picked[:, k : k + GROUP_CLASSES].argmax(-1)
+    confusion = [[0] * GROUP_CLASSES for _ in range(GROUP_CLASSES)]
+    for t, r in zip(targets.group[covered].tolist(), read.tolist(), strict=True):
+        confusion[t][r] += 1
+    report["group"] = confusion
+    report["group_recall"] = [row[i] / sum(row) if sum(row) else None for i, row in enumerate(confusion)]
+    k += GROUP_CLASSES
+    place = picked[:, k : k + len(PLACE_CLASSES)].argmax(-1)
+    report["place"] = float((place == targets.place[covered]).float().mean())
+    return report
+
+
+def probe_slots(run: str | os.PathLike[str], scenes: int = 400, split: str = "test") -> dict[str, Any]:
+    """`slot_report` of a training run's slot read-out (its checkpoint's last-step weights, not the moving
+    average: the read-out was trained with those) on `scenes` fresh scenes of a held-out split, seen as
+    in training (rendered, resized by `kosmos2.image.preprocess`, bf16 autocast if the recipe uses it)."""
+    import torch
+
+    from kosmos2.data import synthetic
+    from kosmos2.image import preprocess
+    from kosmos2.tokenizer import Kosmos2Tokenizer
+
+    run = Path(run)
+    if split not in ("test", "compositional"):
+        raise ValueError(f"split {split!r}: probe a held-out split, 'test' or 'compositional'")
+    if not (run / "checkpoint.pt").is_file():
+        raise ValueError(f"{run}: no checkpoint.pt; give the --out folder of a `kosmos2 train` run")
+    state = load_checkpoint(run / "checkpoint.pt")
+    recipe = Recipe.from_dict(state["recipe"])
+    if state.get("slot_head") is None:
+        raise ValueError(f"{run}: the run has no slot read-out (recipe slot_loss {recipe.slot_loss!r})")
+    model = build_model(recipe, Kosmos2Tokenizer.from_pretrained(run / "tokenizer"))
+    model.load_state_dict(state["model"])
+    model.eval()
+    head = build_slot_head(recipe, model)
+    head.load_state_dict(state["slot_head"])
+    grid, num_slots = patch_grid(model.config), model.config.latent_query_num
+    world = [
+        synthetic.make_scene(synthetic.scene_seed(split, synthetic.SPLIT_SEEDS[split], "slots", i), split)
+        for i in range(scenes)
+    ]
+    outs = []
+    with torch.no_grad():
+        for start in range(0, scenes, 50):
+            part = world[start : start + 50]
+            pixels = preprocess([synthetic.render(s) for s in part], size=model.config.vision.image_size)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+                slots = model.encode_image(pixels)
+            outs.append(head(slots.float()))  # in float32, as `compute_losses` reads it
+    return slot_report(torch.cat(outs), slot_targets(world, grid, num_slots))
+
+
 def count_kinds() -> list[tuple[str, str, str]]:
     """The (size, colour, shape) kinds the count read-out counts, in its output order."""
     from kosmos2.data import synthetic

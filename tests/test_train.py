@@ -496,6 +496,80 @@ def test_slot_loss_reads_objectness_then_attributes_and_box():
     )
 
 
+def test_slot_report_by_hand():
+    # the twins scene above: three identical circles on slots 0-3 (group class 2), a lone square on slots
+    # 9, 10, 13, 14 (class 0); the read-out is set by hand to read some of it wrong
+    scene = _scene_of(
+        ("circle", "red", "small", (0.0, 0.0, 0.2, 0.2)),
+        ("circle", "red", "small", (0.4, 0.0, 0.6, 0.2)),
+        ("circle", "red", "small", (0.8, 0.0, 1.0, 0.2)),
+        ("square", "blue", "large", (0.3, 0.6, 0.7, 0.9)),
+    )
+    targets = T.slot_targets([scene], grid=4, num_slots=16)
+    covered = [0, 1, 2, 3, 9, 10, 13, 14]
+    nc, ns = len(synthetic.COLOURS), len(synthetic.SHAPES)
+    colour, shape, size, box, group, place = 1, 1 + nc, 1 + nc + ns, 3 + nc + ns, 7 + nc + ns, 11 + nc + ns
+    out = torch.zeros(1, 16, T.slot_head_outputs("groups"))
+    out[0, :, 0] = -1.0
+    out[0, [*covered, 5], 0] = 1.0  # slot 5 holds nothing: 15 of 16 right
+    read_group = {0: 2, 1: 1, 2: 2, 3: 3, 9: 0, 10: 0, 13: 0, 14: 1}
+    for q in covered:
+        out[0, q, colour + (targets.colour[0, q] if q != 0 else (targets.colour[0, q] + 1) % nc)] = 5.0
+        out[0, q, shape + targets.shape[0, q]] = 5.0
+        out[0, q, size + (targets.size[0, q] if q < 4 else 1 - targets.size[0, q])] = 5.0  # square: wrong
+        out[0, q, box : box + 4] = targets.box[0, q] + 0.5
+        out[0, q, group + read_group[q]] = 5.0
+        out[0, q, place + (targets.place[0, q] if q != 1 else (targets.place[0, q] + 1) % 6)] = 5.0
+    report = T.slot_report(out, targets)
+    assert report["slots"] == 8
+    assert report["objectness"] == pytest.approx(15 / 16)
+    assert report["colour"] == pytest.approx(7 / 8) and report["shape"] == 1.0 and report["size"] == 0.5
+    assert report["box_l1"] == pytest.approx(0.5)
+    assert report["place"] == pytest.approx(7 / 8)
+    # rows: true 1, 2, 3, 4+; columns: read
+    assert report["group"] == [[3, 1, 0, 0], [0, 0, 0, 0], [0, 1, 2, 1], [0, 0, 0, 0]]
+    assert report["group_recall"] == [0.75, None, 0.5, None]
+    # the "objects" read-out has no group or place columns; "objectness" only its first
+    objects = T.slot_report(out[..., : T.slot_head_outputs("objects")], targets)
+    assert "group" not in objects and objects["colour"] == report["colour"]
+    assert T.slot_report(out[..., :1], targets) == {"slots": 8, "objectness": pytest.approx(15 / 16)}
+
+
+def test_probe_slots_reads_a_runs_slot_head_on_held_out_scenes(finished_run, tmp_path):
+    grouped = T.get_recipe("test", slot_loss="groups", steps=2)
+    T.train(grouped, tmp_path / "groups", progress=False)
+    report = T.probe_slots(tmp_path / "groups", scenes=6)
+    scenes = [
+        synthetic.make_scene(synthetic.scene_seed("test", synthetic.SPLIT_SEEDS["test"], "slots", i), "test")
+        for i in range(6)
+    ]
+    model = T.build_model(grouped, Kosmos2Tokenizer.from_pretrained(tmp_path / "groups" / T.TOKENIZER_DIR))
+    targets = T.slot_targets(scenes, T.patch_grid(model.config), model.config.latent_query_num)
+    assert report["slots"] == int(targets.cover.sum()) > 0
+    true_sizes = [int((targets.group == c).sum()) for c in range(T.GROUP_CLASSES)]
+    assert [sum(row) for row in report["group"]] == true_sizes
+    assert all(0 <= report[k] <= 1 for k in ("objectness", "colour", "shape", "size", "place"))
+    plain = T.probe_slots(finished_run, scenes=3, split="compositional")  # the "objects" read-out
+    assert "colour" in plain and "group" not in plain
+    probe = Path(T.__file__).parents[1] / "tools" / "slot_probe.py"
+    tool = subprocess.run(
+        [sys.executable, str(probe), str(tmp_path / "groups"), "--scenes", "6", "--threads", "1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert tool.returncode == 0, tool.stderr
+    assert f"{report['slots']} covered slots" in tool.stdout and "recall" in tool.stdout
+    state = T.load_checkpoint(finished_run / T.CHECKPOINT_FILE)
+    (tmp_path / "headless").mkdir()
+    torch.save({**state, "slot_head": None}, tmp_path / "headless" / T.CHECKPOINT_FILE)
+    for run, split, message in (
+        (tmp_path / "headless", "test", "has no slot read-out"),
+        (tmp_path / "nothing", "test", "no checkpoint.pt"),
+        (finished_run, "train", "probe a held-out split"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            T.probe_slots(run, scenes=2, split=split)
+
+
 def test_the_slot_head_trains_but_is_not_exported(finished_run):
     state = T.load_checkpoint(finished_run / T.CHECKPOINT_FILE)
     assert state["slot_head"]["weight"].shape == (T.slot_head_outputs("objects"), 64)
