@@ -370,16 +370,20 @@ def test_slot_targets_by_hand():
     assert both.shape[0, 0] == synthetic.SHAPES.index("circle")
 
 
-def test_slot_targets_count_twins_and_tell_them_apart():
-    # three identical circles along the top row (grid 4: patch columns 0 | 1, 2 | 3) and a large square
-    # below: the circles are a group of three, the left one "on the left", the right one "on the right",
-    # the middle one told by no EXTREMES word; the square is alone
-    scene = _scene_of(
+def _twins_scene():
+    """Three identical circles along the top row (grid 4: patch columns 0 | 1, 2 | 3) and a large square
+    below: the circles are a group of three, the left one "on the left", the right one "on the right",
+    the middle one told by no EXTREMES word; the square is alone."""
+    return _scene_of(
         ("circle", "red", "small", (0.0, 0.0, 0.2, 0.2)),
         ("circle", "red", "small", (0.4, 0.0, 0.6, 0.2)),
         ("circle", "red", "small", (0.8, 0.0, 1.0, 0.2)),
         ("square", "blue", "large", (0.3, 0.6, 0.7, 0.9)),
     )
+
+
+def test_slot_targets_count_twins_and_tell_them_apart():
+    scene = _twins_scene()
     targets = T.slot_targets([scene], grid=4, num_slots=16)
     places = T.PLACE_CLASSES
     assert targets.group[0, [0, 1, 2, 3]].tolist() == [2, 2, 2, 2]
@@ -497,14 +501,9 @@ def test_slot_loss_reads_objectness_then_attributes_and_box():
 
 
 def test_slot_report_by_hand():
-    # the twins scene above: three identical circles on slots 0-3 (group class 2), a lone square on slots
-    # 9, 10, 13, 14 (class 0); the read-out is set by hand to read some of it wrong
-    scene = _scene_of(
-        ("circle", "red", "small", (0.0, 0.0, 0.2, 0.2)),
-        ("circle", "red", "small", (0.4, 0.0, 0.6, 0.2)),
-        ("circle", "red", "small", (0.8, 0.0, 1.0, 0.2)),
-        ("square", "blue", "large", (0.3, 0.6, 0.7, 0.9)),
-    )
+    # the twins scene: three identical circles on slots 0-3 (group class 2), a lone square on slots 9, 10,
+    # 13, 14 (class 0); the read-out is set by hand to read some of it wrong
+    scene = _twins_scene()
     targets = T.slot_targets([scene], grid=4, num_slots=16)
     covered = [0, 1, 2, 3, 9, 10, 13, 14]
     nc, ns = len(synthetic.COLOURS), len(synthetic.SHAPES)
