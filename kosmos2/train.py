@@ -716,13 +716,15 @@ def probe_slots(run: str | os.PathLike[str], scenes: int = 400, split: str = "te
     run = Path(run)
     if split not in ("test", "compositional"):
         raise ValueError(f"split {split!r}: probe a held-out split, 'test' or 'compositional'")
-    if not (run / "checkpoint.pt").is_file():
-        raise ValueError(f"{run}: no checkpoint.pt; give the --out folder of a `kosmos2 train` run")
-    state = load_checkpoint(run / "checkpoint.pt")
+    if isinstance(scenes, bool) or not isinstance(scenes, int) or scenes < 1:
+        raise ValueError(f"scenes {scenes!r}: probe at least one scene")
+    if not (run / CHECKPOINT_FILE).is_file():
+        raise ValueError(f"{run}: no {CHECKPOINT_FILE}; give the --out folder of a `kosmos2 train` run")
+    state = load_checkpoint(run / CHECKPOINT_FILE)
     recipe = Recipe.from_dict(state["recipe"])
     if state.get("slot_head") is None:
         raise ValueError(f"{run}: the run has no slot read-out (recipe slot_loss {recipe.slot_loss!r})")
-    model = build_model(recipe, Kosmos2Tokenizer.from_pretrained(run / "tokenizer"))
+    model = build_model(recipe, Kosmos2Tokenizer.from_pretrained(run / TOKENIZER_DIR))
     model.load_state_dict(state["model"])
     model.eval()
     head = build_slot_head(recipe, model)

@@ -567,6 +567,8 @@ def test_probe_slots_reads_a_runs_slot_head_on_held_out_scenes(finished_run, tmp
     ):
         with pytest.raises(ValueError, match=message):
             T.probe_slots(run, scenes=2, split=split)
+    with pytest.raises(ValueError, match="probe at least one scene"):
+        T.probe_slots(finished_run, scenes=0)
 
 
 def test_the_slot_head_trains_but_is_not_exported(finished_run):
