@@ -536,15 +536,35 @@ GROUP_CLASSES = 4  # objects identical to a slot's object, itself included: 1, 2
 PLACE_CLASSES = ("", "on the left", "on the right", "at the top", "at the bottom", None)  # Facts.place
 
 
-def slot_head_outputs(slot_loss: str) -> int:
-    """Read-out width: 1 objectness logit, then (for "objects") colour, shape, size logits and the box,
-    then (for "groups") group-size and place logits."""
+def slot_columns(width: int | None = None) -> dict[str, slice]:
+    """The slot read-out's columns, in order: "objectness" (1 logit), then the "objects" read-out's
+    "colour", "shape", "size" logits and "box" (SLOT_BOX_TERMS), then the "groups" read-out's "group"
+    (GROUP_CLASSES) and "place" logits. With `width`, only the sections that fit in it."""
     from kosmos2.data import synthetic
 
-    if slot_loss == "objectness":
-        return 1
-    width = 1 + len(synthetic.COLOURS) + len(synthetic.SHAPES) + len(synthetic.SIZES) + SLOT_BOX_TERMS
-    return width + GROUP_CLASSES + len(PLACE_CLASSES) if slot_loss == "groups" else width
+    sections = (
+        ("objectness", 1),
+        ("colour", len(synthetic.COLOURS)),
+        ("shape", len(synthetic.SHAPES)),
+        ("size", len(synthetic.SIZES)),
+        ("box", SLOT_BOX_TERMS),
+        ("group", GROUP_CLASSES),
+        ("place", len(PLACE_CLASSES)),
+    )
+    columns, k = {}, 0
+    for name, n in sections:
+        if width is not None and k + n > width:
+            break
+        columns[name] = slice(k, k + n)
+        k += n
+    return columns
+
+
+def slot_head_outputs(slot_loss: str) -> int:
+    """Read-out width: 1 objectness logit, then (for "objects") colour, shape, size logits and the box,
+    then (for "groups") group-size and place logits (`slot_columns`)."""
+    last = {"objectness": "objectness", "groups": "place"}.get(slot_loss, "box")
+    return slot_columns()[last].stop
 
 
 def build_slot_head(recipe: Recipe, model: Kosmos2) -> torch.nn.Linear | None:
@@ -635,29 +655,21 @@ def slot_loss(
     also the group-size and place cross-entropies, each times `group_weight`."""
     import torch.nn.functional as F
 
-    from kosmos2.data import synthetic
-
     out = head(slots.float())  # [S, Q, K]
     loss = F.binary_cross_entropy_with_logits(out[..., 0], targets.cover)
-    if out.shape[-1] == 1:
-        return loss
+    columns = slot_columns(out.shape[-1])
     covered = targets.cover.bool()
-    if not covered.any():
+    if "colour" not in columns or not covered.any():
         return loss
-    k = 1
-    for n, labels in (
-        (len(synthetic.COLOURS), targets.colour),
-        (len(synthetic.SHAPES), targets.shape),
-        (len(synthetic.SIZES), targets.size),
-    ):
-        loss = loss + F.cross_entropy(out[..., k : k + n][covered], labels[covered])
-        k += n
-    loss = loss + F.l1_loss(out[..., k : k + SLOT_BOX_TERMS][covered], targets.box[covered])
-    k += SLOT_BOX_TERMS
-    for n, labels in ((GROUP_CLASSES, targets.group), (len(PLACE_CLASSES), targets.place)):
-        if out.shape[-1] >= k + n:
-            loss = loss + group_weight * F.cross_entropy(out[..., k : k + n][covered], labels[covered])
-            k += n
+    picked = out[covered]  # [N, K]
+    for name in ("colour", "shape", "size"):
+        loss = loss + F.cross_entropy(picked[:, columns[name]], getattr(targets, name)[covered])
+    loss = loss + F.l1_loss(picked[:, columns["box"]], targets.box[covered])
+    for name in ("group", "place"):
+        if name in columns:
+            loss = loss + group_weight * F.cross_entropy(
+                picked[:, columns[name]], getattr(targets, name)[covered]
+            )
     return loss
 
 
@@ -668,38 +680,31 @@ def slot_report(out: torch.Tensor, targets: SlotTargets) -> dict[str, Any]:
     with the "groups" read-out "place" likewise and "group", the confusion matrix of the group size (row:
     true 1, 2, 3, 4+; column: read), and "group_recall", its diagonal over its row sums (None for an
     empty row). "slots": the number of covered slots."""
-    from kosmos2.data import synthetic
-
     out = out.float()
+    columns = slot_columns(out.shape[-1])
     covered = targets.cover.bool()
     report: dict[str, Any] = {
         "slots": int(covered.sum()),
         "objectness": float(((out[..., 0] > 0) == covered).float().mean()),
     }
-    if out.shape[-1] == 1:
+    if "colour" not in columns:
         return report
     picked = out[covered]  # [N, K]
-    k = 1
-    for name, n, labels in (
-        ("colour", len(synthetic.COLOURS), targets.colour),
-        ("shape", len(synthetic.SHAPES), targets.shape),
-        ("size", len(synthetic.SIZES), targets.size),
-    ):
-        report[name] = float((picked[:, k : k + n].argmax(-1) == labels[covered]).float().mean())
-        k += n
-    report["box_l1"] = float((picked[:, k : k + SLOT_BOX_TERMS] - targets.box[covered]).abs().mean())
-    k += SLOT_BOX_TERMS
-    if out.shape[-1] < k + GROUP_CLASSES + len(PLACE_CLASSES):
+
+    def read(name: str) -> torch.Tensor:
+        return picked[:, columns[name]].argmax(-1)
+
+    for name in ("colour", "shape", "size"):
+        report[name] = float((read(name) == getattr(targets, name)[covered]).float().mean())
+    report["box_l1"] = float((picked[:, columns["box"]] - targets.box[covered]).abs().mean())
+    if "place" not in columns:
         return report
-    read = picked[:, k : k + GROUP_CLASSES].argmax(-1)
     confusion = [[0] * GROUP_CLASSES for _ in range(GROUP_CLASSES)]
-    for t, r in zip(targets.group[covered].tolist(), read.tolist(), strict=True):
+    for t, r in zip(targets.group[covered].tolist(), read("group").tolist(), strict=True):
         confusion[t][r] += 1
     report["group"] = confusion
     report["group_recall"] = [row[i] / sum(row) if sum(row) else None for i, row in enumerate(confusion)]
-    k += GROUP_CLASSES
-    place = picked[:, k : k + len(PLACE_CLASSES)].argmax(-1)
-    report["place"] = float((place == targets.place[covered]).float().mean())
+    report["place"] = float((read("place") == targets.place[covered]).float().mean())
     return report
 
 

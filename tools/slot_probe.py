@@ -44,8 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
     parser.add_argument("--json", action="store_true", help="one JSON object per run instead of tables")
     args = parser.parse_args(argv)
-    if args.scenes < 1:
-        parser.error(f"--scenes {args.scenes}: read at least one scene")
     if args.threads:
         import torch
 
