@@ -151,6 +151,9 @@ class Recipe:
     slot_loss_weight: float = 1.0
     # "groups": the weight of its group-size and place terms within the slot loss
     group_loss_weight: float = 1.0
+    # when set, that weight moves linearly from group_loss_weight at the first step to this at the last
+    # (group_weight_at): the boxes learned first, the group sizes weighted up once they are (None: constant)
+    group_loss_weight_final: float | None = None
     # auxiliary pointer loss, training only (build_pointer_head; not exported): where the decoder is about to
     # write a box (the input is <object> or the delimiter, the target an upper-left location token) or has
     # just read one in the prompt, a query of its hidden state is scored against keys of its hidden states at
@@ -223,6 +226,11 @@ class Recipe:
             )
         if not self.group_loss_weight >= 0:
             raise ValueError(f"recipe group_loss_weight must be >= 0, got {self.group_loss_weight}")
+        final = self.group_loss_weight_final
+        if final is not None and (
+            isinstance(final, bool) or not isinstance(final, int | float) or not final >= 0
+        ):
+            raise ValueError(f"recipe group_loss_weight_final must be None or a number >= 0, got {final!r}")
         if not self.decision_weight >= 0:
             raise ValueError(f"recipe decision_weight must be >= 0, got {self.decision_weight}")
         if (
@@ -1294,6 +1302,16 @@ def make_optimizer(model: Kosmos2, recipe: Recipe, head: torch.nn.Module | None 
     return Optimizers(optimizers)
 
 
+def group_weight_at(step: int, recipe: Recipe) -> float:
+    """The "groups" read-out's group-size and place weight at `step` (0-based): `group_loss_weight`, or
+    with `group_loss_weight_final` set, linear from the one at step 0 to the other at the last step."""
+    start, final = recipe.group_loss_weight, recipe.group_loss_weight_final
+    if final is None:
+        return start
+    progress = min(step / max(recipe.steps - 1, 1), 1.0)
+    return start + (final - start) * progress
+
+
 def lr_factor(step: int, recipe: Recipe) -> float:
     """LR multiplier at `step`: linear warm-up from 1/warmup to 1, then cosine to `final_lr_fraction`."""
     if step < recipe.warmup_steps:
@@ -1513,6 +1531,7 @@ def train(
             )
             if device.type != "cpu":
                 batch = batch.to(device)
+            group_weight = group_weight_at(step, recipe)
             losses = compute_losses(
                 model,
                 batch,
@@ -1524,7 +1543,7 @@ def train(
                 counter=counter,
                 count_weight=recipe.count_loss_weight,
                 count_layer=recipe.count_layer,
-                group_weight=recipe.group_loss_weight,
+                group_weight=group_weight,
                 decision_ids=decision_ids,
                 decision_weight=recipe.decision_weight,
             )
@@ -1557,6 +1576,8 @@ def train(
                     "tokens_per_s": round(tokens / dt, 1),
                     "elapsed_s": round(elapsed, 2),
                 }
+                if recipe.group_loss_weight_final is not None:
+                    record["group_weight"] = round(group_weight, 5)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             if bar is not None:

@@ -105,6 +105,30 @@ def test_vision_layers_sets_the_vit_depth_and_nothing_else(tokenizer):
     assert len(model.vision_model.model.encoder.layers) == 3
 
 
+def test_group_weight_schedule_by_hand(tmp_path):
+    constant = T.get_recipe("test", steps=5, group_loss_weight=0.5)
+    assert [T.group_weight_at(s, constant) for s in range(5)] == [0.5] * 5
+    ramp = T.get_recipe("test", steps=5, group_loss_weight=0.5, group_loss_weight_final=2.5)
+    assert [T.group_weight_at(s, ramp) for s in range(5)] == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.5])
+    with pytest.raises(ValueError, match="recipe group_loss_weight_final must be None or a number >= 0"):
+        T.get_recipe("test", group_loss_weight_final=-1)
+    with pytest.raises(ValueError, match="got 'late'"):
+        T.get_recipe("test", group_loss_weight_final="late")
+    # the training loop uses it: a ramp run's first step (weight 0.5 in both) is the constant run's, its
+    # second (1.0 against 0.5) is not, and the log records the weight each step used
+    groups = {"steps": 3, "slot_loss": "groups", "group_loss_weight": 0.5}
+    T.train(T.get_recipe("test", **groups), tmp_path / "constant", progress=False)
+    T.train(T.get_recipe("test", **groups, group_loss_weight_final=1.5), tmp_path / "ramp", progress=False)
+    logs = [
+        [json.loads(line) for line in (tmp_path / name / T.LOG_FILE).read_text().splitlines()]
+        for name in ("constant", "ramp")
+    ]
+    assert "group_weight" not in logs[0][0]
+    assert [e["group_weight"] for e in logs[1]] == [0.5, 1.0, 1.5]
+    assert logs[0][0]["loss_slots"] == logs[1][0]["loss_slots"]
+    assert logs[0][1]["loss_slots"] != logs[1][1]["loss_slots"]
+
+
 def test_lr_schedule_warms_up_then_decays_by_cosine():
     r = T.get_recipe("test", steps=110, warmup_steps=10, final_lr_fraction=0.1)
     assert [T.lr_factor(s, r) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
@@ -667,14 +691,14 @@ def test_a_folder_of_another_recipe_is_refused(finished_run):
 
 
 def test_a_run_folder_from_before_a_recipe_field_existed_still_resumes(finished_run, tmp_path):
-    # a recipe.json written before `group_loss_weight` and `vision_layers` existed: they read as their
-    # defaults, so the finished run is recognised as this recipe's (nothing to do) instead of refused
+    # a recipe.json written before `group_loss_weight`, `group_loss_weight_final` and `vision_layers`
+    # existed: they read as their defaults, so the finished run is recognised as this recipe's (nothing to do) instead of refused
     import shutil
 
     old = tmp_path / "old"
     shutil.copytree(finished_run, old)
     saved = json.loads((old / T.RECIPE_FILE).read_text())
-    del saved["group_loss_weight"], saved["vision_layers"]
+    del saved["group_loss_weight"], saved["group_loss_weight_final"], saved["vision_layers"]
     (old / T.RECIPE_FILE).write_text(json.dumps(saved))
     assert T.train(recipe(), old, progress=False) == old / "model"
     saved["lr"] = 1e-4  # a field that does differ is still named
