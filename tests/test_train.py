@@ -692,7 +692,8 @@ def test_a_folder_of_another_recipe_is_refused(finished_run):
 
 def test_a_run_folder_from_before_a_recipe_field_existed_still_resumes(finished_run, tmp_path):
     # a recipe.json written before `group_loss_weight`, `group_loss_weight_final` and `vision_layers`
-    # existed: they read as their defaults, so the finished run is recognised as this recipe's (nothing to do) instead of refused
+    # existed: they read as their defaults, so the finished run is recognised as this recipe's (nothing to
+    # do) instead of refused
     import shutil
 
     old = tmp_path / "old"
