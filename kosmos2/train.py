@@ -1083,6 +1083,124 @@ def make_batch(
     )
 
 
+class BatchWorker:
+    """`make_batch` for steps start, start + 1, ... made ahead in a worker process while the model trains.
+
+    A batch is a pure function of (recipe, step) (no global RNG is drawn), so a run gets the same batches,
+    and ends on the same weights, with or without the worker: only where the time of making them goes
+    changes. The worker (spawned, one torch thread) keeps up to `ahead` batches ready; `get(step)` returns
+    the next one, which must be for `step`. A failure in the worker is raised here, with its traceback.
+    Use as a context manager (or call `close`): the worker is stopped on exit.
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        start: int,
+        end: int,
+        tokenizer_dir: str | os.PathLike[str],
+        image_size: int,
+        num_image_tokens: int,
+        grid: int | None = None,
+        counts: bool = False,
+        ahead: int = 2,
+    ) -> None:
+        import multiprocessing
+
+        if ahead < 1:
+            raise ValueError(f"BatchWorker ahead={ahead}: keep at least one batch ready")
+        context = multiprocessing.get_context("spawn")  # no fork of a process running OpenMP threads
+        self._queue = context.Queue(maxsize=ahead)
+        args = (self._queue, recipe.to_dict(), start, end, str(tokenizer_dir), image_size, num_image_tokens)
+        self._process = context.Process(
+            target=_batch_worker, args=(*args, grid, counts), name="kosmos2-batches", daemon=True
+        )
+        self._process.start()
+
+    def get(self, step: int) -> Batch:
+        import pickle
+        import queue
+
+        while True:
+            try:
+                made, payload = self._queue.get(timeout=5.0)
+                break
+            except queue.Empty:
+                if not self._process.is_alive():
+                    raise RuntimeError(
+                        f"the batch worker stopped (exit code {self._process.exitcode}) before the batch of "
+                        f"step {step}; run again without the worker (prefetch off) to see the error here"
+                    ) from None
+        if made is None:
+            raise RuntimeError(f"the batch worker failed making the batch of step {step}:\n{payload}")
+        if made != step:
+            raise RuntimeError(f"the batch worker sent the batch of step {made}, expected step {step}")
+        return pickle.loads(payload)
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            self._process.terminate()
+        self._process.join(timeout=10)
+        self._queue.close()
+        self._queue.cancel_join_thread()
+
+    def __enter__(self) -> BatchWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _batch_worker(
+    out: Any,
+    recipe: dict[str, Any],
+    start: int,
+    end: int,
+    tokenizer_dir: str,
+    image_size: int,
+    num_image_tokens: int,
+    grid: int | None,
+    counts: bool,
+) -> None:
+    """BatchWorker's process: one torch thread (the trainer has the cores), batches pickled in step order.
+    When its steps are made it waits for the trainer to stop it; it ends by itself when the trainer is gone
+    (killed: nobody left to stop it, and nobody to read what is still in the pipe)."""
+    import multiprocessing
+    import pickle
+    import queue
+    import traceback
+
+    import torch
+
+    from kosmos2.tokenizer import Kosmos2Tokenizer
+
+    trainer = multiprocessing.parent_process()
+
+    def send(item: tuple[int | None, Any]) -> bool:
+        while True:
+            try:
+                out.put(item, timeout=1.0)
+                return True
+            except queue.Full:
+                if trainer is not None and not trainer.is_alive():
+                    return False
+
+    out.cancel_join_thread()  # at exit, do not wait to flush batches into a pipe that nobody reads
+    torch.set_num_threads(1)
+    step = start
+    try:
+        tokenizer = Kosmos2Tokenizer.from_pretrained(tokenizer_dir)
+        run = Recipe.from_dict(recipe)
+        for step in range(start, end):
+            batch = make_batch(run, step, tokenizer, image_size, num_image_tokens, grid, counts=counts)
+            if not send((step, pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))):
+                return
+    except Exception:
+        send((None, f"step {step}: {traceback.format_exc()}"))
+    if trainer is not None:
+        trainer.join()  # the last batches are still in the pipe until the trainer reads them
+
+
 def split_prefixes(rows: list[tuple]) -> tuple[Prefix, list[tuple]]:
     """The shared image prefix of each scene (everything up to `</image>`) and, from one row per sample
     (`make_batch`'s tuples), each sample's remaining tokens with the decoder positions they have in their own
@@ -1439,6 +1557,7 @@ def train(
     progress: bool = True,
     progress_stream: TextIO | None = None,
     device: torch.device | str = "cpu",
+    prefetch: bool = False,
 ) -> Path:
     """Run (or resume) `recipe` in `out_dir`; return the folder of the exported model (`out_dir/model`).
 
@@ -1449,6 +1568,11 @@ def train(
     `device`: where the model trains (batches are made on the CPU and moved). The model is built and
     initialised on the CPU, so every device starts from the same weights; the floats of later steps differ
     between devices (other kernels), and the shipped model is the CPU run's.
+
+    `prefetch`: make the batches in a worker process (`BatchWorker`), the next ones while the model trains
+    on this one; the same batches and the same weights. It pays where the trainer would otherwise wait for
+    the CPU's ~0.2 s a batch (a GPU `device`); on the 2-core CPU, whose cores the model keeps busy, it did
+    not (benchmarks/batch_worker.py), so `kosmos2 train` turns it on for GPU devices only.
     """
     import torch
 
@@ -1523,12 +1647,19 @@ def train(
     grid = patch_grid(config) if head is not None else None
     decision_ids = [tokenizer.token_to_id(t) for t in (PHRASE_START, OBJECT_END)]
     model.train()
-    with _flush_denormals(device.type == "cpu"), open(out / LOG_FILE, "a", encoding="utf-8") as log:
+    worker: Any = contextlib.nullcontext()
+    if prefetch and step < end:
+        args = (tokenizer_dir, image_size, num_image_tokens, grid, counter is not None)
+        worker = BatchWorker(recipe, step, end, *args)
+    with worker, _flush_denormals(device.type == "cpu"), open(out / LOG_FILE, "a", encoding="utf-8") as log:
         while step < end:
             t0 = time.monotonic()
-            batch = make_batch(
-                recipe, step, tokenizer, image_size, num_image_tokens, grid, counts=counter is not None
-            )
+            if prefetch:
+                batch = worker.get(step)
+            else:
+                batch = make_batch(
+                    recipe, step, tokenizer, image_size, num_image_tokens, grid, counts=counter is not None
+                )
             if device.type != "cpu":
                 batch = batch.to(device)
             group_weight = group_weight_at(step, recipe)
@@ -1825,6 +1956,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="after training, score the model on this many held-out queries per task (0: skip)",
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--prefetch", choices=("auto", "on", "off"), default="auto",
+        help="make the next batches in a worker process while the model trains (the same batches and "
+        "weights either way); auto: on for a GPU --device, where the CPU's batch would otherwise leave the "
+        "GPU waiting, off on the CPU, whose cores the model already keeps busy (default: %(default)s)",
+    )  # fmt: skip
     p.set_defaults(func=run_train)
 
 
@@ -1855,7 +1992,13 @@ def run_train(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        model_dir = train(recipe, args.out, progress=not args.no_progress, device=args.device)
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        print(f"kosmos2 train: error: --device {args.device!r}: {e}", file=sys.stderr)
+        return 2
+    prefetch = args.prefetch == "on" or (args.prefetch == "auto" and device.type != "cpu")
+    try:
+        model_dir = train(recipe, args.out, progress=not args.no_progress, device=device, prefetch=prefetch)
     except ValueError as e:
         print(f"kosmos2 train: error: {e}", file=sys.stderr)
         return 2

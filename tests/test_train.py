@@ -154,6 +154,61 @@ def test_batch_is_a_pure_function_of_seed_and_step(tokenizer):
     assert not torch.equal(a.pixel_values, d.pixel_values)
 
 
+def _same_batch(a: T.Batch, b: T.Batch) -> None:
+    assert torch.equal(a.pixel_values, b.pixel_values) and a.tasks == b.tasks
+    assert a.location_start == b.location_start and (a.prefix is None) == (b.prefix is None)
+    for x, y in zip(a.chunks, b.chunks, strict=True):
+        for f in dataclasses.fields(x):
+            u, v = getattr(x, f.name), getattr(y, f.name)
+            assert (u is None and v is None) or torch.equal(u, v), f.name
+    for part in ("slots", "prefix"):
+        u, v = getattr(a, part), getattr(b, part)
+        if u is not None:
+            for f in dataclasses.fields(u):
+                p, q = getattr(u, f.name), getattr(v, f.name)
+                assert torch.equal(p, q) if isinstance(p, torch.Tensor) else p == q, (part, f.name)
+
+
+def test_batch_worker_sends_make_batchs_batches_in_step_order(finished_run, tokenizer):
+    r = recipe(share_prefix=True)
+    with T.BatchWorker(r, 3, 6, finished_run / T.TOKENIZER_DIR, 28, 64, grid=4, ahead=2) as worker:
+        for step in (3, 4, 5):
+            _same_batch(worker.get(step), T.make_batch(r, step, tokenizer, 28, 64, 4))
+    with T.BatchWorker(r, 3, 6, finished_run / T.TOKENIZER_DIR, 28, 64) as worker:
+        with pytest.raises(RuntimeError, match="sent the batch of step 3, expected step 4"):
+            worker.get(4)
+
+
+def test_a_prefetched_run_ends_on_the_same_weights(finished_run, tmp_path):
+    out = tmp_path / "prefetched"
+    T.train(recipe(), out, progress=False, prefetch=True)
+    model = T.MODEL_DIR + "/model.safetensors"
+    assert (out / model).read_bytes() == (finished_run / model).read_bytes()
+    a, b = ((run / T.LOG_FILE).read_text().splitlines() for run in (out, finished_run))
+    assert [(r["step"], r["loss"]) for r in map(json.loads, a)] == [
+        (r["step"], r["loss"]) for r in map(json.loads, b)
+    ]
+
+
+def test_train_cli_names_a_bad_device_and_prefetch_choice(tmp_path, capsys):
+    from kosmos2.cli import main
+
+    assert main(["train", "--recipe", "test", "--out", str(tmp_path / "r"), "--device", "bogus"]) == 2
+    assert "kosmos2 train: error: --device 'bogus'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(SystemExit):
+        main(["train", "--recipe", "test", "--out", str(tmp_path / "r"), "--prefetch", "maybe"])
+    assert "--prefetch: invalid choice: 'maybe'" in capsys.readouterr().err
+
+
+def test_batch_worker_failure_is_raised_with_its_traceback(tmp_path):
+    with T.BatchWorker(recipe(), 0, 2, tmp_path / "no-tokenizer", 28, 64) as worker:
+        with pytest.raises(RuntimeError, match=r"(?s)failed making the batch of step 0:.*step 0: Traceback"):
+            worker.get(0)
+    with pytest.raises(ValueError, match="ahead=0"):
+        T.BatchWorker(recipe(), 0, 2, tmp_path, 28, 64, ahead=0)
+
+
 def test_vqa_kinds_reach_the_batch_and_empty_keeps_the_old_stream():
     r = T.get_recipe("test", scenes_per_step=24, samples_per_scene=4, mixture={"vqa": 1, "rec": 1})
     old = T.batch_samples(r, 0)
@@ -630,12 +685,26 @@ def test_a_few_steps_lower_the_loss(finished_run, tokenizer):
     assert log[-1]["loss"] < log[0]["loss"]
 
 
-def test_killed_run_resumes_to_the_same_weights(finished_run, tmp_path):
+def _children(pid: int) -> list[int]:
+    """The live child processes of `pid` (Linux /proc), waiting up to 60 s for the first to appear."""
+    deadline = time.monotonic() + 60
+    while True:
+        found = [
+            int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()
+        ]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("prefetch", ["off", "on"])
+def test_killed_run_resumes_to_the_same_weights(finished_run, tmp_path, prefetch):
     """SIGKILL a `kosmos2 train` process mid-run, resume in this process: the weights equal an uninterrupted
-    run's bit for bit."""
+    run's bit for bit. With --prefetch on the killed trainer's batch worker ends by itself."""
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "kosmos2.cli", "train", "--recipe", "test", "--steps", str(STEPS)]
     command += ["--out", str(out), "--eval-per-task", "0", "--no-progress", "--threads", "1"]
+    command += ["--prefetch", prefetch]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     log = out / T.LOG_FILE
@@ -647,12 +716,19 @@ def test_killed_run_resumes_to_the_same_weights(finished_run, tmp_path):
                 break
             time.sleep(0.02)
         assert process.poll() is None, f"the run ended before it was killed: {process.stderr.read()!r}"
+        children = _children(process.pid) if prefetch == "on" else []  # the batch worker and its helper
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
     assert process.returncode == -signal.SIGKILL
+    assert children or prefetch == "off", "kosmos2 train --prefetch on ran without its batch worker"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in children):
+        time.sleep(0.1)
+    alive = [pid for pid in children if Path(f"/proc/{pid}").exists()]
+    assert not alive, f"the killed trainer left processes behind: {alive}"
     stopped_at = T.load_checkpoint(out / T.CHECKPOINT_FILE)["step"]
     assert 4 <= stopped_at < STEPS
     assert not (out / T.MODEL_DIR).exists()
