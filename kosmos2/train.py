@@ -1111,10 +1111,9 @@ class BatchWorker:
             raise ValueError(f"BatchWorker ahead={ahead}: keep at least one batch ready")
         context = multiprocessing.get_context("spawn")  # no fork of a process running OpenMP threads
         self._queue = context.Queue(maxsize=ahead)
-        args = (self._queue, recipe.to_dict(), start, end, str(tokenizer_dir), image_size, num_image_tokens)
-        self._process = context.Process(
-            target=_batch_worker, args=(*args, grid, counts), name="kosmos2-batches", daemon=True
-        )
+        args = (self._queue, recipe.to_dict(), start, end, str(tokenizer_dir))
+        args += (image_size, num_image_tokens, grid, counts)
+        self._process = context.Process(target=_batch_worker, args=args, name="kosmos2-batches", daemon=True)
         self._process.start()
 
     def get(self, step: int) -> Batch:
@@ -1647,19 +1646,14 @@ def train(
     grid = patch_grid(config) if head is not None else None
     decision_ids = [tokenizer.token_to_id(t) for t in (PHRASE_START, OBJECT_END)]
     model.train()
+    batch_args = (image_size, num_image_tokens, grid, counter is not None)  # after make_batch's tokenizer
     worker: Any = contextlib.nullcontext()
     if prefetch and step < end:
-        args = (tokenizer_dir, image_size, num_image_tokens, grid, counter is not None)
-        worker = BatchWorker(recipe, step, end, *args)
+        worker = BatchWorker(recipe, step, end, tokenizer_dir, *batch_args)
     with worker, _flush_denormals(device.type == "cpu"), open(out / LOG_FILE, "a", encoding="utf-8") as log:
         while step < end:
             t0 = time.monotonic()
-            if prefetch:
-                batch = worker.get(step)
-            else:
-                batch = make_batch(
-                    recipe, step, tokenizer, image_size, num_image_tokens, grid, counts=counter is not None
-                )
+            batch = worker.get(step) if prefetch else make_batch(recipe, step, tokenizer, *batch_args)
             if device.type != "cpu":
                 batch = batch.to(device)
             group_weight = group_weight_at(step, recipe)
