@@ -15,22 +15,12 @@ compared and must be equal); only the time differs. Prints seconds a step for ea
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(steps: int, threads: int, prefetch: bool, out: Path) -> list[dict]:
-    command = [sys.executable, "-m", "kosmos2.cli", "train", "--recipe", "default", "--out", str(out)]
-    command += ["--steps", str(steps), "--threads", str(threads), "--no-progress", "--eval-per-task", "0"]
-    command += ["--prefetch", "on" if prefetch else "off"]
-    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+from train_runs import WARMUP, losses, seconds_per_step, train_log  # benchmarks/train_runs.py
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,16 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             for prefetch in (False, True):
-                log = run(args.steps, args.threads, prefetch, Path(tmp) / f"{prefetch}-{repeat}")
-                by_step = {r["step"]: r for r in log}
-                span = by_step[args.steps]["elapsed_s"] - by_step[10]["elapsed_s"]
-                seconds[prefetch].append(span / (args.steps - 10))
-                logs.append([(r["step"], r["loss"]) for r in log])
+                option = ("--prefetch", "on" if prefetch else "off")
+                log = train_log(Path(tmp) / f"{prefetch}-{repeat}", args.steps, args.threads, *option)
+                seconds[prefetch].append(seconds_per_step(log, args.steps))
+                logs.append(losses(log))
     if any(log != logs[0] for log in logs):
         print("the runs logged different losses: the worker changed the batches", file=sys.stderr)
         return 1
     reference, worker = (statistics.median(seconds[p]) for p in (False, True))
-    print(f"default recipe, {args.threads} threads, steps 10..{args.steps}, median of {args.repeats}:")
+    print(f"default recipe, {args.threads} threads, steps {WARMUP}..{args.steps}, median of {args.repeats}:")
     print(f"  batches between steps (reference)  {reference:.3f} s/step  {seconds[False]}")
     print(f"  batches in a worker process        {worker:.3f} s/step  {seconds[True]}")
     print(f"  ratio                              {reference / worker:.2f}x")

@@ -14,22 +14,11 @@ and must be equal); only the time differs. Prints seconds a step for each and th
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(steps: int, threads: int, thp: str, out: Path) -> list[dict]:
-    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": thp}
-    command = [sys.executable, "-m", "kosmos2.cli", "train", "--recipe", "default", "--out", str(out)]
-    command += ["--steps", str(steps), "--threads", str(threads), "--no-progress", "--eval-per-task", "0"]
-    subprocess.run(command, env=env, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+from train_runs import WARMUP, losses, seconds_per_step, train_log  # benchmarks/train_runs.py
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,14 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     seconds, logs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for thp in ("0", "1"):
-            log = run(args.steps, args.threads, thp, Path(tmp) / f"thp{thp}")
-            by_step = {r["step"]: r for r in log}
-            seconds[thp] = (by_step[args.steps]["elapsed_s"] - by_step[10]["elapsed_s"]) / (args.steps - 10)
-            logs[thp] = [(r["step"], r["loss"]) for r in log]
+            log = train_log(
+                Path(tmp) / f"thp{thp}", args.steps, args.threads, env={"THP_MEM_ALLOC_ENABLE": thp}
+            )
+            seconds[thp] = seconds_per_step(log, args.steps)
+            logs[thp] = losses(log)
     if logs["0"] != logs["1"]:
         print("the two runs logged different losses: huge pages changed the arithmetic", file=sys.stderr)
         return 1
-    print(f"{args.steps} steps of the default recipe, {args.threads} threads, steps 10..{args.steps}:")
+    print(f"{args.steps} steps of the default recipe, {args.threads} threads, steps {WARMUP}..{args.steps}:")
     print(f"  torch default (reference)  {seconds['0']:.3f} s/step")
     print(f"  THP_MEM_ALLOC_ENABLE=1     {seconds['1']:.3f} s/step")
     print(f"  ratio                      {seconds['0'] / seconds['1']:.2f}x")
