@@ -388,7 +388,7 @@ def test_slots_spread_evenly_over_the_patches():
     assert T.slot_patches(64, 64) == list(range(64))
 
 
-@pytest.mark.parametrize("preset", ["small", "small-128"])
+@pytest.mark.parametrize("preset", ["small", "small-128", "small-192"])
 def test_patch_init_makes_slot_i_look_at_patch_i(preset):
     """On the small presets, from real rendered scenes: each latent's attention peaks on its own patch."""
     from kosmos2.config import Kosmos2Config
@@ -397,7 +397,7 @@ def test_patch_init_makes_slot_i_look_at_patch_i(preset):
 
     torch.manual_seed(0)
     config = Kosmos2Config.from_preset(preset)
-    assert T.patch_grid(config) == 8  # both presets: 8 x 8 patches, one image slot each
+    assert T.patch_grid(config) == 8  # all three: 8 x 8 patches, one image slot each
     model = Kosmos2(config).eval()
     T.init_scaled(model)
     T.init_patches(model)
