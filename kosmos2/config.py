@@ -361,7 +361,7 @@ def _small_128() -> Kosmos2Config:
 def _small_192() -> Kosmos2Config:
     """`small-128` at 192 px in 24 px patches: the same 8 x 8 grid, slots and decoder cost, 2.25 times the
     pixels under each patch (small shapes ~18 px across instead of ~12)."""
-    config = _small()
+    config = _small_128()
     return replace(config, vision=replace(config.vision, image_size=192, patch_size=24))
 
 
