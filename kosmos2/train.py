@@ -99,6 +99,7 @@ class Recipe:
 
     preset: str = "small"  # kosmos2.config preset; the vocabulary size comes from the trained tokenizer
     vision_layers: int = 0  # the ViT's depth; 0 = the preset's
+    text_layers: int = 0  # the decoder's depth; 0 = the preset's
     steps: int = 3000
     scenes_per_step: int = 16
     samples_per_scene: int = 4
@@ -233,14 +234,10 @@ class Recipe:
             raise ValueError(f"recipe group_loss_weight_final must be None or a number >= 0, got {final!r}")
         if not self.decision_weight >= 0:
             raise ValueError(f"recipe decision_weight must be >= 0, got {self.decision_weight}")
-        if (
-            isinstance(self.vision_layers, bool)
-            or not isinstance(self.vision_layers, int)
-            or self.vision_layers < 0
-        ):
-            raise ValueError(
-                f"recipe vision_layers must be an int >= 0 (0: the preset's), got {self.vision_layers!r}"
-            )
+        for name in ("vision_layers", "text_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"recipe {name} must be an int >= 0 (0: the preset's), got {value!r}")
         if not self.pointer_loss_weight >= 0:
             raise ValueError(f"recipe pointer_loss_weight must be >= 0, got {self.pointer_loss_weight}")
         if self.pointer_loss_weight > 0 and not self.share_prefix:
@@ -374,6 +371,8 @@ def model_config(recipe: Recipe, tokenizer: Kosmos2Tokenizer):
 
     config = Kosmos2Config.from_preset(recipe.preset)
     text = dataclasses.replace(config.text, vocab_size=tokenizer.vocab_size)
+    if recipe.text_layers:
+        text = dataclasses.replace(text, layers=recipe.text_layers)
     vision = config.vision
     if recipe.vision_layers:
         vision = dataclasses.replace(vision, layers=recipe.vision_layers)
@@ -1090,7 +1089,9 @@ class BatchWorker:
     and ends on the same weights, with or without the worker: only where the time of making them goes
     changes. The worker (spawned, one torch thread) keeps up to `ahead` batches ready; `get(step)` returns
     the next one, which must be for `step`. A failure in the worker is raised here, with its traceback.
-    Use as a context manager (or call `close`): the worker is stopped on exit.
+    `workers` > 1 starts that many, worker k making steps start + k, start + k + workers, ... (for a GPU
+    that trains faster than one CPU core makes batches). Use as a context manager (or call `close`): the
+    workers are stopped on exit.
     """
 
     def __init__(
@@ -1104,30 +1105,40 @@ class BatchWorker:
         grid: int | None = None,
         counts: bool = False,
         ahead: int = 2,
+        workers: int = 1,
     ) -> None:
         import multiprocessing
 
         if ahead < 1:
             raise ValueError(f"BatchWorker ahead={ahead}: keep at least one batch ready")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"BatchWorker workers={workers!r}: use a positive number of worker processes")
         context = multiprocessing.get_context("spawn")  # no fork of a process running OpenMP threads
-        self._queue = context.Queue(maxsize=ahead)
-        args = (self._queue, recipe.to_dict(), start, end, str(tokenizer_dir))
-        args += (image_size, num_image_tokens, grid, counts)
-        self._process = context.Process(target=_batch_worker, args=args, name="kosmos2-batches", daemon=True)
-        self._process.start()
+        self._start, self._queues, self._processes = start, [], []
+        for k in range(workers):
+            q = context.Queue(maxsize=ahead)
+            args = (q, recipe.to_dict(), start + k, end, str(tokenizer_dir))
+            args += (image_size, num_image_tokens, grid, counts, workers)
+            name = f"kosmos2-batches-{k}"
+            process = context.Process(target=_batch_worker, args=args, name=name, daemon=True)
+            process.start()
+            self._queues.append(q)
+            self._processes.append(process)
 
     def get(self, step: int) -> Batch:
         import pickle
         import queue
 
+        k = (step - self._start) % len(self._queues)
+        source, process = self._queues[k], self._processes[k]
         while True:
             try:
-                made, payload = self._queue.get(timeout=5.0)
+                made, payload = source.get(timeout=5.0)
                 break
             except queue.Empty:
-                if not self._process.is_alive():
+                if not process.is_alive():
                     raise RuntimeError(
-                        f"the batch worker stopped (exit code {self._process.exitcode}) before the batch of "
+                        f"the batch worker stopped (exit code {process.exitcode}) before the batch of "
                         f"step {step}; run again without the worker (prefetch off) to see the error here"
                     ) from None
         if made is None:
@@ -1137,11 +1148,13 @@ class BatchWorker:
         return pickle.loads(payload)
 
     def close(self) -> None:
-        if self._process.is_alive():
-            self._process.terminate()
-        self._process.join(timeout=10)
-        self._queue.close()
-        self._queue.cancel_join_thread()
+        for process in self._processes:
+            if process.is_alive():
+                process.terminate()
+        for process, q in zip(self._processes, self._queues, strict=True):
+            process.join(timeout=10)
+            q.close()
+            q.cancel_join_thread()
 
     def __enter__(self) -> BatchWorker:
         return self
@@ -1160,8 +1173,10 @@ def _batch_worker(
     num_image_tokens: int,
     grid: int | None,
     counts: bool,
+    every: int = 1,
 ) -> None:
-    """BatchWorker's process: one torch thread (the trainer has the cores), batches pickled in step order.
+    """BatchWorker's process: one torch thread (the trainer has the cores), the batches of steps start,
+    start + every, ... before end pickled in step order.
     When its steps are made it waits for the trainer to stop it; it ends by itself when the trainer is gone
     (killed: nobody left to stop it, and nobody to read what is still in the pipe)."""
     import multiprocessing
@@ -1190,7 +1205,7 @@ def _batch_worker(
     try:
         tokenizer = Kosmos2Tokenizer.from_pretrained(tokenizer_dir)
         run = Recipe.from_dict(recipe)
-        for step in range(start, end):
+        for step in range(start, end, every):
             batch = make_batch(run, step, tokenizer, image_size, num_image_tokens, grid, counts=counts)
             if not send((step, pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))):
                 return
@@ -1556,7 +1571,7 @@ def train(
     progress: bool = True,
     progress_stream: TextIO | None = None,
     device: torch.device | str = "cpu",
-    prefetch: bool = False,
+    prefetch: bool | int = False,
 ) -> Path:
     """Run (or resume) `recipe` in `out_dir`; return the folder of the exported model (`out_dir/model`).
 
@@ -1571,7 +1586,9 @@ def train(
     `prefetch`: make the batches in a worker process (`BatchWorker`), the next ones while the model trains
     on this one; the same batches and the same weights. It pays where the trainer would otherwise wait for
     the CPU's ~0.2 s a batch (a GPU `device`); on the 2-core CPU, whose cores the model keeps busy, it did
-    not (benchmarks/batch_worker.py), so `kosmos2 train` turns it on for GPU devices only.
+    not (benchmarks/batch_worker.py), so `kosmos2 train` turns it on for GPU devices only. A number: that
+    many worker processes (`BatchWorker(workers=...)`), for a GPU that trains faster than one core makes
+    batches.
     """
     import torch
 
@@ -1649,7 +1666,8 @@ def train(
     batch_args = (image_size, num_image_tokens, grid, counter is not None)  # after make_batch's tokenizer
     worker: Any = contextlib.nullcontext()
     if prefetch and step < end:
-        worker = BatchWorker(recipe, step, end, tokenizer_dir, *batch_args)
+        workers = 1 if prefetch is True else int(prefetch)
+        worker = BatchWorker(recipe, step, end, tokenizer_dir, *batch_args, workers=workers)
     with worker, _flush_denormals(device.type == "cpu"), open(out / LOG_FILE, "a", encoding="utf-8") as log:
         while step < end:
             t0 = time.monotonic()
@@ -1956,6 +1974,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "weights either way); auto: on for a GPU --device, where the CPU's batch would otherwise leave the "
         "GPU waiting, off on the CPU, whose cores the model already keeps busy (default: %(default)s)",
     )  # fmt: skip
+    p.add_argument(
+        "--prefetch-workers", type=int, default=1, metavar="N",
+        help="with prefetch on, this many worker processes make batches (default: %(default)s)",
+    )  # fmt: skip
     p.set_defaults(func=run_train)
 
 
@@ -1991,6 +2013,12 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"kosmos2 train: error: --device {args.device!r}: {e}", file=sys.stderr)
         return 2
     prefetch = args.prefetch == "on" or (args.prefetch == "auto" and device.type != "cpu")
+    if args.prefetch_workers < 1:
+        message = f"--prefetch-workers {args.prefetch_workers}: use 1 or more worker processes"
+        print(f"kosmos2 train: error: {message}", file=sys.stderr)
+        return 2
+    if prefetch and args.prefetch_workers > 1:
+        prefetch = args.prefetch_workers
     try:
         model_dir = train(recipe, args.out, progress=not args.no_progress, device=device, prefetch=prefetch)
     except ValueError as e:

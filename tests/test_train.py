@@ -105,6 +105,17 @@ def test_vision_layers_sets_the_vit_depth_and_nothing_else(tokenizer):
     assert len(model.vision_model.model.encoder.layers) == 3
 
 
+def test_text_layers_sets_the_decoder_depth_and_nothing_else(tokenizer):
+    preset = T.model_config(T.get_recipe("default"), tokenizer)
+    deeper = T.model_config(T.get_recipe("default", text_layers=6), tokenizer)
+    assert preset.text.layers == 4 and deeper.text.layers == 6
+    assert dataclasses.replace(deeper.text, layers=4) == preset.text and deeper.vision == preset.vision
+    model = T.build_model(T.get_recipe("test", text_layers=3), tokenizer)
+    assert len(model.text_model.model.layers) == 3
+    with pytest.raises(ValueError, match="recipe text_layers must be an int >= 0"):
+        T.get_recipe("test", text_layers=-1)
+
+
 def test_group_weight_schedule_by_hand(tmp_path):
     constant = T.get_recipe("test", steps=5, group_loss_weight=0.5)
     assert [T.group_weight_at(s, constant) for s in range(5)] == [0.5] * 5
@@ -190,6 +201,19 @@ def test_a_prefetched_run_ends_on_the_same_weights(finished_run, tmp_path):
     ]
 
 
+def test_a_run_prefetched_by_three_workers_ends_on_the_same_weights(finished_run, tmp_path):
+    # worker k makes steps k, k + 3, ...: the trainer must still take them in step order
+    out = tmp_path / "three"
+    T.train(recipe(), out, progress=False, prefetch=3)
+    model = T.MODEL_DIR + "/model.safetensors"
+    assert (out / model).read_bytes() == (finished_run / model).read_bytes()
+
+
+def test_batch_worker_refuses_no_workers(tmp_path):
+    with pytest.raises(ValueError, match="workers=0: use a positive number"):
+        T.BatchWorker(recipe(), 0, 2, tmp_path, 64, 64, workers=0)
+
+
 def test_train_cli_names_a_bad_device_and_prefetch_choice(tmp_path, capsys):
     from kosmos2.cli import main
 
@@ -199,6 +223,9 @@ def test_train_cli_names_a_bad_device_and_prefetch_choice(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--recipe", "test", "--out", str(tmp_path / "r"), "--prefetch", "maybe"])
     assert "--prefetch: invalid choice: 'maybe'" in capsys.readouterr().err
+    command = ["train", "--recipe", "test", "--out", str(tmp_path / "r"), "--prefetch-workers", "0"]
+    assert main(command) == 2
+    assert "kosmos2 train: error: --prefetch-workers 0: use 1 or more" in capsys.readouterr().err
 
 
 def test_batch_worker_failure_is_raised_with_its_traceback(tmp_path):
@@ -775,7 +802,8 @@ def test_a_run_folder_from_before_a_recipe_field_existed_still_resumes(finished_
     old = tmp_path / "old"
     shutil.copytree(finished_run, old)
     saved = json.loads((old / T.RECIPE_FILE).read_text())
-    del saved["group_loss_weight"], saved["group_loss_weight_final"], saved["vision_layers"]
+    for name in ("group_loss_weight", "group_loss_weight_final", "vision_layers", "text_layers"):
+        del saved[name]
     (old / T.RECIPE_FILE).write_text(json.dumps(saved))
     assert T.train(recipe(), old, progress=False) == old / "model"
     saved["lr"] = 1e-4  # a field that does differ is still named

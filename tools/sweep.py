@@ -23,14 +23,14 @@ import sys
 from pathlib import Path
 
 
-def job(out: Path, recipe_name: str, overrides: dict, device: str, n_per_task: int) -> int:
+def job(out: Path, recipe_name: str, overrides: dict, device: str, n_per_task: int, workers: int = 1) -> int:
     import torch
 
     from kosmos2 import train as T
     from kosmos2.cli import main
 
     torch.set_num_threads(1)
-    T.train(T.get_recipe(recipe_name, **overrides), out, progress=False, device=device)
+    T.train(T.get_recipe(recipe_name, **overrides), out, progress=False, device=device, prefetch=workers)
     return main(
         ["eval", "synthetic", "--model", str(out / "model"), "--out", str(out / "eval"),
          "--batch-size", "128", "--device", device, "--n-per-task", str(n_per_task)]
@@ -69,12 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", default="default")
     p.add_argument("--device", default="cuda")
     p.add_argument("--n-per-task", type=int, default=1000)
+    p.add_argument(
+        "--workers", type=int, default=1, help="batch-making processes per variant (one CPU core each)"
+    )
     p.add_argument("--table", action="store_true", help="only print the table of what --out holds")
     p.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = p.parse_args(argv)
     if args.job:
         name, overrides = args.job.split("=", 1)
-        return job(args.out / name, args.recipe, json.loads(overrides), args.device, args.n_per_task)
+        return job(
+            args.out / name, args.recipe, json.loads(overrides), args.device, args.n_per_task, args.workers
+        )
     failed = []
     if not args.table:
         from kosmos2.train import get_recipe
@@ -93,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             name = variant.partition("=")[0]
             (args.out / name).mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, __file__, "--out", str(args.out), "--recipe", args.recipe, "--device",
-                   args.device, "--n-per-task", str(args.n_per_task), "--job", variant]  # fmt: skip
+                   args.device, "--n-per-task", str(args.n_per_task), "--workers", str(args.workers),
+                   "--job", variant]  # fmt: skip
             with open(args.out / f"{name}.out", "w") as log:  # the child keeps its own copy of the handle
                 procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
         for name, proc in procs:
