@@ -96,24 +96,22 @@ def test_recipes_validate_and_reject_bad_fields():
     assert T.Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
 
 
-def test_vision_layers_sets_the_vit_depth_and_nothing_else(tokenizer):
+@pytest.mark.parametrize(
+    ("field", "part", "other"),
+    [("vision_layers", "vision", "text"), ("text_layers", "text", "vision")],
+    ids=["vit", "decoder"],
+)
+def test_a_depth_field_sets_that_depth_and_nothing_else(tokenizer, field, part, other):
     preset = T.model_config(T.get_recipe("default"), tokenizer)
-    deeper = T.model_config(T.get_recipe("default", vision_layers=6), tokenizer)
-    assert preset.vision.layers == 4 and deeper.vision.layers == 6
-    assert dataclasses.replace(deeper.vision, layers=4) == preset.vision and deeper.text == preset.text
-    model = T.build_model(T.get_recipe("test", vision_layers=3), tokenizer)
-    assert len(model.vision_model.model.encoder.layers) == 3
-
-
-def test_text_layers_sets_the_decoder_depth_and_nothing_else(tokenizer):
-    preset = T.model_config(T.get_recipe("default"), tokenizer)
-    deeper = T.model_config(T.get_recipe("default", text_layers=6), tokenizer)
-    assert preset.text.layers == 4 and deeper.text.layers == 6
-    assert dataclasses.replace(deeper.text, layers=4) == preset.text and deeper.vision == preset.vision
-    model = T.build_model(T.get_recipe("test", text_layers=3), tokenizer)
-    assert len(model.text_model.model.layers) == 3
-    with pytest.raises(ValueError, match="recipe text_layers must be an int >= 0"):
-        T.get_recipe("test", text_layers=-1)
+    deeper = T.model_config(T.get_recipe("default", **{field: 6}), tokenizer)
+    assert getattr(preset, part).layers == 4 and getattr(deeper, part).layers == 6
+    assert dataclasses.replace(getattr(deeper, part), layers=4) == getattr(preset, part)
+    assert getattr(deeper, other) == getattr(preset, other)
+    model = T.build_model(T.get_recipe("test", **{field: 3}), tokenizer)
+    blocks = model.vision_model.model.encoder.layers if part == "vision" else model.text_model.model.layers
+    assert len(blocks) == 3
+    with pytest.raises(ValueError, match=f"recipe {field} must be an int >= 0"):
+        T.get_recipe("test", **{field: -1})
 
 
 def test_group_weight_schedule_by_hand(tmp_path):
