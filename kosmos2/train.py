@@ -1587,8 +1587,8 @@ def train(
     on this one; the same batches and the same weights. It pays where the trainer would otherwise wait for
     the CPU's ~0.2 s a batch (a GPU `device`); on the 2-core CPU, whose cores the model keeps busy, it did
     not (benchmarks/batch_worker.py), so `kosmos2 train` turns it on for GPU devices only. A number: that
-    many worker processes (`BatchWorker(workers=...)`), for a GPU that trains faster than one core makes
-    batches.
+    many worker processes (`BatchWorker(workers=...)`; True is one, False and 0 none), for a GPU that
+    trains faster than one core makes batches.
     """
     import torch
 
@@ -1666,8 +1666,7 @@ def train(
     batch_args = (image_size, num_image_tokens, grid, counter is not None)  # after make_batch's tokenizer
     worker: Any = contextlib.nullcontext()
     if prefetch and step < end:
-        workers = 1 if prefetch is True else int(prefetch)
-        worker = BatchWorker(recipe, step, end, tokenizer_dir, *batch_args, workers=workers)
+        worker = BatchWorker(recipe, step, end, tokenizer_dir, *batch_args, workers=int(prefetch))
     with worker, _flush_denormals(device.type == "cpu"), open(out / LOG_FILE, "a", encoding="utf-8") as log:
         while step < end:
             t0 = time.monotonic()
@@ -2012,13 +2011,12 @@ def run_train(args: argparse.Namespace) -> int:
     except RuntimeError as e:
         print(f"kosmos2 train: error: --device {args.device!r}: {e}", file=sys.stderr)
         return 2
-    prefetch = args.prefetch == "on" or (args.prefetch == "auto" and device.type != "cpu")
     if args.prefetch_workers < 1:
         message = f"--prefetch-workers {args.prefetch_workers}: use 1 or more worker processes"
         print(f"kosmos2 train: error: {message}", file=sys.stderr)
         return 2
-    if prefetch and args.prefetch_workers > 1:
-        prefetch = args.prefetch_workers
+    on = args.prefetch == "on" or (args.prefetch == "auto" and device.type != "cpu")
+    prefetch = args.prefetch_workers if on else 0  # the number of batch workers, 0: none
     try:
         model_dir = train(recipe, args.out, progress=not args.no_progress, device=device, prefetch=prefetch)
     except ValueError as e:
