@@ -43,10 +43,17 @@ class SharedLayout:
     index: list[Tensor]
     masks: list[Tensor]
 
-    def split(self, x: Tensor) -> list[Tensor]:
-        """[N, ...] -> one [rows, length, ...] tensor per piece."""
-        pieces = x.split([r * n for r, n in self.shapes])
-        return [t.view(r, n, *x.shape[1:]) for t, (r, n) in zip(pieces, self.shapes, strict=True)]
+    @property
+    def prefix_tokens(self) -> int:
+        """The number of prefix tokens, which come first."""
+        return self.shapes[0][0] * self.shapes[0][1]
+
+    def split(self, x: Tensor, prefix: bool = True) -> list[Tensor]:
+        """[N, ...] -> one [rows, length, ...] tensor per piece; `prefix` False: x holds the sample pieces
+        only (the prefix's tokens left out) and so does the list."""
+        shapes = self.shapes if prefix else self.shapes[1:]
+        pieces = x.split([r * n for r, n in shapes])
+        return [t.view(r, n, *x.shape[1:]) for t, (r, n) in zip(pieces, shapes, strict=True)]
 
 
 def quick_gelu(x: Tensor) -> Tensor:
@@ -109,7 +116,12 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, H, C // H).transpose(1, 2)  # [B,H,T,hd]
         k = self.k_proj(kv).view(B, S, H, C // H).transpose(1, 2)  # [B,H,S,hd]
         v = self.v_proj(kv).view(B, S, H, C // H).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        # plain-matmul attention on CPU when gradients are wanted: PyTorch's fused CPU kernel takes ~3x as
+        # long forward + backward at these sizes (32 images x 65 tokens x 48 dims: 19 ms against 6 ms a call;
+        # docs/DEFAULT_MODEL.md); inference keeps the fused kernel
+        kernel = x.device.type == "cpu" and torch.is_grad_enabled()
+        with sdpa_kernel(SDPBackend.MATH) if kernel else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -285,19 +297,32 @@ class DecoderAttention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)  # [B,H,max_len,hd]
         return self.out_proj(self.inner_attn_ln(self._attend(q, k, v, mask)))
 
-    def forward_shared(self, x: Tensor, layout: SharedLayout) -> Tensor:
+    def _with_prefix(self, pick: Tensor, prefix: Tensor, own: Tensor) -> Tensor:
+        # pick [R,S] one-hot, prefix [S,P,C], own [R,L,C] -> [R,H,P+L,hd]: each row's prefix, then its own
+        S, P, C = prefix.shape
+        picked = (pick @ prefix.view(S, P * C)).view(-1, P, C)
+        return torch.cat([self._heads(picked), self._heads(own)], dim=2)
+
+    def forward_shared(self, x: Tensor, layout: SharedLayout, prefix_out: bool = True) -> Tensor:
         """x [N,C] laid out by `layout`: the prefix rows attend causally to themselves; each sample row to
-        the keys and values of its prefix row, then causally to its own (`TextTransformer.forward_shared`)."""
-        q, k, v = (
-            [self._heads(t) for t in layout.split(p(x))] for p in (self.q_proj, self.k_proj, self.v_proj)
-        )
+        the keys and values of its prefix row, then causally to its own (`TextTransformer.forward_shared`).
+        `prefix_out` False: the prefix tokens give keys and values only, and the output holds the sample
+        tokens alone (the last block of a pass that needs no prefix states)."""
+        k, v = (layout.split(p(x)) for p in (self.k_proj, self.v_proj))  # [rows, length, C] pieces
+        if prefix_out:
+            q = [self._heads(t) for t in layout.split(self.q_proj(x))]
+        else:
+            q = [None, *(self._heads(t) for t in layout.split(self.q_proj(x[layout.prefix_tokens :]), False))]
         # plain-matmul attention on CPU: the kernel the shipped default model was trained with (the fused
         # one rounds differently, and a run is chaotic enough that other floats make another model);
         # benchmarks/train_step.py times both
         with sdpa_kernel(SDPBackend.MATH) if x.device.type == "cpu" else contextlib.nullcontext():
-            out = [self._attend(q[0], k[0], v[0], None)]
+            out = [self._attend(q[0], self._heads(k[0]), self._heads(v[0]), None)] if prefix_out else []
             for j, (index, mask) in enumerate(zip(layout.index, layout.masks, strict=True), start=1):
-                keys, values = (torch.cat([t[0].index_select(0, index), t[j]], dim=2) for t in (k, v))
+                # each row's prefix keys and values picked by a product with a one-hot [R, S] matrix (exact:
+                # one term): its backward is a product too, where index_select's is a slow scatter-add
+                pick = F.one_hot(index, k[0].shape[0]).to(k[0].dtype)
+                keys, values = (self._with_prefix(pick, t[0], t[j]) for t in (k, v))
                 out.append(self._attend(q[j], keys, values, mask))
         y = torch.cat([t.flatten(0, 1) for t in out])  # [N, C]
         return self.out_proj(self.inner_attn_ln(y))
@@ -335,9 +360,12 @@ class DecoderBlock(nn.Module):
         )
         return x + self.ffn(self.final_layer_norm(x))
 
-    def forward_shared(self, x: Tensor, layout: SharedLayout) -> Tensor:
-        # x [N,C]: every token of the prefixes and samples at once (`SharedLayout`)
-        h = self.self_attn.forward_shared(self.self_attn_layer_norm(x), layout)
+    def forward_shared(self, x: Tensor, layout: SharedLayout, prefix_out: bool = True) -> Tensor:
+        # x [N,C]: every token of the prefixes and samples at once (`SharedLayout`); `prefix_out` False: the
+        # output holds the sample tokens only (DecoderAttention.forward_shared)
+        h = self.self_attn.forward_shared(self.self_attn_layer_norm(x), layout, prefix_out)
+        if not prefix_out:
+            x = x[layout.prefix_tokens :]
         x = x + F.dropout(h, self.dropout, self.training)
         return x + self.ffn(self.final_layer_norm(x))
 
@@ -398,7 +426,8 @@ class TextTransformer(nn.Module):
         image_mask: Tensor,
         samples: list[tuple[Tensor, Tensor, Tensor]],
         tap: int | None = None,
-    ) -> tuple[Tensor, list[Tensor], Tensor | None]:
+        prefix_out: bool = True,
+    ) -> tuple[Tensor | None, list[Tensor], Tensor | None]:
         """Training with a shared prefix: several samples continue each image prefix, and the prefix is run
         once. Each sample row computes exactly what it would as the continuation of its prefix in a row of
         its own (the prefix's keys and values are the same), for a fraction of the tokens and attention.
@@ -407,7 +436,10 @@ class TextTransformer(nn.Module):
         image_embeds [S,N,C]; samples: chunks of (ids [R,L] right-padded, positions [R,L], index [R] = the
         prefix row each continues). Returns hidden states after the final LayerNorm: prefix [S,P,C] and
         one [R,L,C] per chunk; and with `tap` = k the prefix's residual stream after its first k blocks
-        [S,P,C] (what block k + 1 reads; training's count read-out), else None.
+        [S,P,C] (what block k + 1 reads; training's count read-out), else None. `prefix_out` False: the
+        prefix's hidden states are not wanted (None is returned for them), so the last block computes the
+        prefix's keys and values only, not its queries, attention output and MLP (the samples' states are
+        the same).
         """
         S, P = prefix_ids.shape
         device = prefix_ids.device
@@ -428,15 +460,20 @@ class TextTransformer(nn.Module):
             n = len(self.layers)
             raise ValueError(f"tap={tap}: the decoder has {n} blocks; use 0 to {n}")
         tapped = x[: S * P].view(S, P, -1) if tap == 0 else None
+        n = len(self.layers)
+        keep = prefix_out or tap == n  # the prefix through the last block
         for k, layer in enumerate(self.layers, 1):
+            whole = keep or k < n
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer.forward_shared, x, layout, use_reentrant=False)
+                x = checkpoint(layer.forward_shared, x, layout, whole, use_reentrant=False)
             else:
-                x = layer.forward_shared(x, layout)
+                x = layer.forward_shared(x, layout, whole)
             if k == tap:
                 tapped = x[: S * P].view(S, P, -1)
+        if not keep:
+            return None, layout.split(self.layer_norm(x), False), tapped
         out = layout.split(self.layer_norm(x))
-        return out[0], out[1:], tapped
+        return out[0] if prefix_out else None, out[1:], tapped
 
 
 class TextDecoder(nn.Module):

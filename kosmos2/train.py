@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -955,7 +956,7 @@ def _move(data: Any, device: torch.device | str) -> Any:
 class Batch:
     """One training step's data: pixel_values [S,3,H,W] (one image per scene) and the rows in chunks.
 
-    Rows are sorted by length and cut into chunks of `CHUNK_ROWS`, each padded on the right to its own
+    Rows are sorted by length and cut into chunks (`chunk_bounds`), each padded on the right to its own
     longest row. Right padding needs no attention mask: a causal row never looks ahead at its padding, and
     pad tokens do not shift positions (SPEC §6), so every row computes what it would alone.
     """
@@ -983,7 +984,36 @@ class Batch:
         return _move(self, device)
 
 
-CHUNK_ROWS = 16
+# what a chunk of rows costs beyond its tokens, in tokens (`chunk_bounds`): the attention calls, gathers and
+# concatenations each chunk adds to a decoder block, forward and backward, take about the time of this many
+# tokens' projections and MLP on the default recipe's decoder (2 CPU threads)
+CHUNK_COST = 64
+
+
+def chunk_bounds(lengths: Sequence[int], cost: int = CHUNK_COST) -> list[tuple[int, int]]:
+    """Cut rows of ascending `lengths` into chunks [start, end), each padded to its last (longest) row, so
+    that the padded tokens plus `cost` per chunk are fewest (dynamic programming over the cut points; a
+    cut inside a run of equal lengths never pays, so cuts fall between runs). With `cost` 0 each run of
+    equal lengths is a chunk of its own (no padding)."""
+    if any(b < a for a, b in itertools.pairwise(lengths)):
+        raise ValueError("chunk_bounds: the row lengths must be in ascending order")
+    ends = [j for j in range(1, len(lengths) + 1) if j == len(lengths) or lengths[j] != lengths[j - 1]]
+    points = [0, *ends]  # the possible cut points
+    best = [0] + [math.inf] * len(ends)  # best[b]: the least cost of the rows before points[b]
+    cut = [0] * len(points)
+    for b in range(1, len(points)):
+        j = points[b]
+        for a in range(b):
+            total = best[a] + (j - points[a]) * lengths[j - 1] + cost
+            if total < best[b]:
+                best[b], cut[b] = total, a
+    bounds, b = [], len(points) - 1
+    while b:
+        bounds.append((points[cut[b]], points[b]))
+        b = cut[b]
+    return bounds[::-1]
+
+
 PAD_ID = 1  # the fairseq <pad> id of every Kosmos-2 tokenizer
 
 
@@ -1053,8 +1083,8 @@ def make_batch(
         prefix, rows = split_prefixes(rows)
     rows.sort(key=lambda r: len(r[0]))  # stable: equal lengths keep their order
     chunks = []
-    for start in range(0, len(rows), CHUNK_ROWS):
-        part = rows[start : start + CHUNK_ROWS]
+    for start, end in chunk_bounds([len(r[0]) for r in rows]):
+        part = rows[start:end]
         T = len(part[-1][0])
         input_ids = torch.full((len(part), T), PAD_ID, dtype=torch.long)
         targets = torch.full((len(part), T), -100, dtype=torch.long)
@@ -1310,6 +1340,7 @@ def compute_losses(
                 prefix.image_mask,
                 [(c.input_ids, c.positions, c.image_index) for c in batch.chunks],
                 tap=count_layer if counter is not None else None,
+                prefix_out=pointer is not None,  # the pointer loss reads the prefix's slot states
             )
             if pointer is not None:
                 slot_states = shared[prefix.image_mask].view(*embeds.shape[:2], -1)  # [S, Q, C]

@@ -323,10 +323,23 @@ def test_forward_shared_equals_each_sample_in_its_own_row():
                 alone = decoder(ids, make_positions(ids), None, embeds[scenes[i]][None], image_mask)
                 assert (h[r, : len(tails[i])] - alone[0, P:]).abs().max() <= 1e-5
                 assert (shared[scenes[i]] - alone[0, :P]).abs().max() <= 1e-5
+        # without the prefix's states the last block skips its queries and MLP: the samples' states are the
+        # same, and a tap after the last block still gets the prefix
+        none, alone, _ = decoder.forward_shared(prefix, embeds, prefix_mask, samples, prefix_out=False)
+        assert none is None
+        for a, b in zip(hidden, alone, strict=True):
+            assert a.shape == b.shape and (a - b).abs().max() <= 1e-6
+        last = decoder.forward_shared(prefix, embeds, prefix_mask, samples, tap=2, prefix_out=False)
+        assert last[0] is None and last[2].shape == shared.shape
+        whole = decoder.forward_shared(prefix, embeds, prefix_mask, samples, tap=2)
+        assert (last[2] - whole[2]).abs().max() == 0
     decoder.gradient_checkpointing = True
     model.train()
     again = decoder.forward_shared(prefix, embeds, prefix_mask, samples, tap=1)
     for a, b in zip([shared, *hidden, tapped], [again[0], *again[1], again[2]], strict=True):
+        assert (a - b.detach()).abs().max() <= 1e-6
+    alone = decoder.forward_shared(prefix, embeds, prefix_mask, samples, prefix_out=False)[1]
+    for a, b in zip(hidden, alone, strict=True):
         assert (a - b.detach()).abs().max() <= 1e-6
     assert decoder.forward_shared(prefix, embeds, prefix_mask, samples)[2] is None
     with pytest.raises(ValueError, match="tap=9"):

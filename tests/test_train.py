@@ -10,9 +10,11 @@ answers every query with the world's own target.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -306,6 +308,34 @@ def _rows_alone(model, batch: T.Batch, pad_id: int) -> list[tuple[torch.Tensor, 
             ce = F.cross_entropy(logits[0], targets[:n], reduction="none", ignore_index=-100)
             out.append((ids[:n], targets[:n], ce))
     return out
+
+
+def _padded_cost(lengths, bounds, cost):
+    return sum((end - start) * lengths[end - 1] + cost for start, end in bounds)
+
+
+def test_chunk_bounds_finds_the_cheapest_cut():
+    """Worked by hand: [1, 1, 2, 5] at 32 a chunk is one chunk (20 tokens + 32 < 6 + 5 + 64); at 0 the runs
+    of equal lengths; and against every way of cutting small lists (brute force), the least cost."""
+    assert T.chunk_bounds([1, 1, 2, 5], 32) == [(0, 4)]
+    assert T.chunk_bounds([1, 1, 2, 5], 0) == [(0, 2), (2, 3), (3, 4)]
+    assert T.chunk_bounds([10] * 5 + [60] * 3, 32) == [(0, 5), (5, 8)]  # 50 + 180 + 64 < 480 + 32
+    assert T.chunk_bounds([], 32) == []
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = sorted(rng.randint(1, 30) for _ in range(rng.randint(1, 9)))
+        cost = rng.choice([0, 3, 10, 40])
+        bounds = T.chunk_bounds(lengths, cost)
+        assert [b[0] for b in bounds] == [0] + [b[1] for b in bounds[:-1]] and bounds[-1][1] == len(lengths)
+        n = len(lengths)
+        cheapest = min(
+            _padded_cost(lengths, list(itertools.pairwise([0, *cuts, n])), cost)
+            for k in range(n)
+            for cuts in itertools.combinations(range(1, n), k)
+        )
+        assert _padded_cost(lengths, bounds, cost) == cheapest
+    with pytest.raises(ValueError, match="ascending"):
+        T.chunk_bounds([3, 2])
 
 
 def test_chunked_right_padded_loss_equals_each_row_alone(tokenizer):
