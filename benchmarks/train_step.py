@@ -12,12 +12,16 @@ down hits all of them alike. Modes:
   layout): the reference the shared path must equal (tests/test_train.py checks loss and gradients);
 - `shared`: `share_prefix=True` as shipped: each scene's prefix runs once (`TextTransformer.forward_shared`),
   attention by PyTorch's plain-matmul kernel on CPU (the kernel the default model was trained with);
-- `shared-fused`: the same with PyTorch's fused attention kernel.
+- `shared-fused`: the same with PyTorch's fused attention kernel, in the decoder and in the vision
+  encoder and connector (which train with the plain kernel on CPU: its backward is ~3x faster there);
+- `shared-16rows`: the same with the rows cut into chunks of 16 (the fixed cut before `chunk_bounds`);
+- `shared-prefix-kept`: the same with the prefix run through the last decoder block too (its queries,
+  attention output and MLP, which the loss does not read: `forward_shared(prefix_out=True)`).
 
-On the development machine the two kernels were within the noise of each other, on fresh weights and on
-the default recipe's trained weights (`--checkpoint`, a `kosmos2 train` checkpoint of the same recipe;
-docs/DEFAULT_MODEL.md has the numbers). The plain one stays because the shipped model was trained with it:
-other rounding makes another model.
+In the decoder the two kernels were within the noise of each other on the development machine, on fresh
+weights and on the default recipe's trained weights (`--checkpoint`, a `kosmos2 train` checkpoint of the same
+recipe; docs/DEFAULT_MODEL.md has the numbers); the plain one stays because the default model is trained
+with it: other rounding makes another model.
 
 Prints seconds a step, samples a second and the ratio to `rows`, and the loss of each mode on the first
 batch in eval mode (they must agree).
@@ -75,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         return [T.make_batch(r, s, tokenizer, size, slots, grid) for s in range(args.steps + 1)]
 
     data = {"rows": batches(rows_recipe), "shared": batches(recipe)}
-    data["shared-fused"] = data["shared"]
+    data["shared-fused"] = data["shared-prefix-kept"] = data["shared"]
+    saved_bounds = T.chunk_bounds
+    T.chunk_bounds = lambda n, cost=0: [(i, min(i + 16, len(n))) for i in range(0, len(n), 16)]
+    data["shared-16rows"] = batches(recipe)
+    T.chunk_bounds = saved_bounds
 
     @contextlib.contextmanager
     def fused():
@@ -86,9 +94,22 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             km.sdpa_kernel = saved
 
-    def step(mode: str, i: int) -> float:
+    @contextlib.contextmanager
+    def prefix_kept():
+        decoder = model.text_model.model
+        whole = decoder.forward_shared
+        decoder.forward_shared = lambda *a, prefix_out=True, **k: whole(*a, prefix_out=True, **k)
+        try:
+            yield
+        finally:
+            del decoder.forward_shared  # the class's method again
+
+    def patched(mode: str):
         # the model picks the plain kernel on CPU itself; for "shared-fused" undo that choice
-        with fused() if mode == "shared-fused" else contextlib.nullcontext():
+        return {"shared-fused": fused, "shared-prefix-kept": prefix_kept}.get(mode, contextlib.nullcontext)()
+
+    def step(mode: str, i: int) -> float:
+        with patched(mode):
             t0 = time.perf_counter()
             losses = T.compute_losses(
                 model, data[mode][i], bf16=recipe.bf16, head=head, slot_weight=recipe.slot_loss_weight
@@ -100,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
 
     modes = list(data)
     model.eval()
-    with torch.no_grad():
-        check = {
-            m: float(T.compute_losses(model, data[m][0], bf16=recipe.bf16, head=head)["lm"]) for m in modes
-        }
+    check = {}
+    for m in modes:
+        with torch.no_grad(), patched(m):
+            check[m] = float(T.compute_losses(model, data[m][0], bf16=recipe.bf16, head=head)["lm"])
     model.train()
     times: dict[str, list[float]] = {m: [] for m in modes}
     for m in modes:
@@ -113,11 +134,12 @@ def main(argv: list[str] | None = None) -> int:
             times[m].append(step(m, i))
     samples = statistics.mean(len(b.tasks) for b in data["rows"][1:])
     base = statistics.median(times["rows"])
+    shared = statistics.median(times["shared"])
     print(f"recipe {args.recipe!r}, {samples:.0f} samples a step, {args.threads} threads, {args.steps} steps")
-    print(f"{'mode':<14}{'s/step':>8}{'samples/s':>11}{'vs rows':>9}{'eval loss':>11}")
+    print(f"{'mode':<20}{'s/step':>8}{'samples/s':>11}{'vs rows':>9}{'shared vs':>11}{'eval loss':>11}")
     for m in modes:
         t = statistics.median(times[m])
-        print(f"{m:<14}{t:>8.3f}{samples / t:>11.1f}{base / t:>8.2f}x{check[m]:>11.5f}")
+        print(f"{m:<20}{t:>8.3f}{samples / t:>11.1f}{base / t:>8.2f}x{t / shared:>10.2f}x{check[m]:>11.5f}")
     return 0
 
 
