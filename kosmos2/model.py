@@ -456,11 +456,10 @@ class TextTransformer(nn.Module):
             layout.index.append(index)
             layout.masks.append(mask[None, None])
         x = torch.cat([t.flatten(0, 1) for t in pieces])  # [N, C]
-        if tap is not None and not 0 <= tap <= len(self.layers):
-            n = len(self.layers)
+        n = len(self.layers)
+        if tap is not None and not 0 <= tap <= n:
             raise ValueError(f"tap={tap}: the decoder has {n} blocks; use 0 to {n}")
         tapped = x[: S * P].view(S, P, -1) if tap == 0 else None
-        n = len(self.layers)
         keep = prefix_out or tap == n  # the prefix through the last block
         for k, layer in enumerate(self.layers, 1):
             whole = keep or k < n
