@@ -84,7 +84,7 @@ def _default_mixture() -> dict[str, float]:
 
 
 INITS = ("patches", "scaled", "std")
-SLOT_LOSSES = ("groups", "objects", "objectness", "none")
+SLOT_LOSSES = ("counts", "groups", "objects", "objectness", "none")
 OPTIMIZERS = ("adamw", "muon")
 
 
@@ -147,11 +147,15 @@ class Recipe:
     # auxiliary loss on the image slots, training only (build_slot_head; not exported): "objects" reads from
     # each slot whether an object covers its patch, and that object's colour, shape, size and box;
     # "groups" also how many objects are identical to it (1, 2, 3, 4+) and which EXTREMES word tells it
-    # from them (the count words of captions and VQA, the suffix of REG answers); "objectness" only the
-    # first; "none" trains on the language-model loss alone
+    # from them (the count words of captions and VQA, the suffix of REG answers); "counts" also how many
+    # objects share each part of its description (its size; colour; shape; size and colour; size and shape;
+    # colour and shape: COUNT_PATTERNS), what a plain "How many blue objects" asks, so that the decoder can
+    # read the answer off any one matching slot instead of adding slots up; "objectness" only the first;
+    # "none" trains on the language-model loss alone
     slot_loss: str = "objects"
     slot_loss_weight: float = 1.0
-    # "groups": the weight of its group-size and place terms within the slot loss
+    # "groups" and "counts": the weight of its group-size and place terms (and the mean of the counts'
+    # terms) within the slot loss
     group_loss_weight: float = 1.0
     # when set, that weight moves linearly from group_loss_weight at the first step to this at the last
     # (group_weight_at): the boxes learned first, the group sizes weighted up once they are (None: constant)
@@ -542,12 +546,28 @@ SLOT_BOX_TERMS = 4  # x1, y1, x2, y2 of the covering object, relative to the pat
 
 GROUP_CLASSES = 4  # objects identical to a slot's object, itself included: 1, 2, 3, 4 or more
 PLACE_CLASSES = ("", "on the left", "on the right", "at the top", "at the bottom", None)  # Facts.place
+# the "counts" read-out: which of (size, colour, shape) each count shares with the slot's object (the full
+# description is the group's), and its classes: 1 .. COUNT_CLASSES objects, itself included (the world
+# draws at most synthetic.OBJECT_COUNTS[-1] = 6 objects; more would be capped)
+COUNT_PATTERNS = (
+    (True, False, False),
+    (False, True, False),
+    (False, False, True),
+    (True, True, False),
+    (True, False, True),
+    (False, True, True),
+)
+COUNT_CLASSES = 6
+COUNT_PATTERN_NAMES = tuple(
+    "+".join(n for n, k in zip(("size", "colour", "shape"), p, strict=True) if k) for p in COUNT_PATTERNS
+)
 
 
 def slot_columns(width: int | None = None) -> dict[str, slice]:
     """The slot read-out's columns, in order: "objectness" (1 logit), then the "objects" read-out's
     "colour", "shape", "size" logits and "box" (SLOT_BOX_TERMS), then the "groups" read-out's "group"
-    (GROUP_CLASSES) and "place" logits. With `width`, only the sections that fit in it."""
+    (GROUP_CLASSES) and "place" logits, then the "counts" read-out's COUNT_CLASSES logits for each of
+    COUNT_PATTERNS. With `width`, only the sections that fit in it."""
     from kosmos2.data import synthetic
 
     sections = (
@@ -558,6 +578,7 @@ def slot_columns(width: int | None = None) -> dict[str, slice]:
         ("box", SLOT_BOX_TERMS),
         ("group", GROUP_CLASSES),
         ("place", len(PLACE_CLASSES)),
+        ("counts", len(COUNT_PATTERNS) * COUNT_CLASSES),
     )
     columns, k = {}, 0
     for name, n in sections:
@@ -570,8 +591,9 @@ def slot_columns(width: int | None = None) -> dict[str, slice]:
 
 def slot_head_outputs(slot_loss: str) -> int:
     """Read-out width: 1 objectness logit, then (for "objects") colour, shape, size logits and the box,
-    then (for "groups") group-size and place logits (`slot_columns`)."""
-    last = {"objectness": "objectness", "groups": "place"}.get(slot_loss, "box")
+    then (for "groups") group-size and place logits, then (for "counts") the pattern counts' logits
+    (`slot_columns`)."""
+    last = {"objectness": "objectness", "groups": "place", "counts": "counts"}.get(slot_loss, "box")
     return slot_columns()[last].stop
 
 
@@ -591,7 +613,8 @@ class SlotTargets:
     overlaps the slot's patch), colour / shape / size class of the object covering most of the patch (-100
     where none does), box [S, Q, 4] of that object relative to the patch centre, in patches; group: the
     number of objects identical to it, less one, capped at GROUP_CLASSES - 1; place: its index in
-    PLACE_CLASSES."""
+    PLACE_CLASSES; counts [S, Q, len(COUNT_PATTERNS)]: per pattern the number of objects sharing those
+    attributes with it, less one, capped at COUNT_CLASSES - 1."""
 
     cover: torch.Tensor
     colour: torch.Tensor
@@ -600,6 +623,7 @@ class SlotTargets:
     box: torch.Tensor
     group: torch.Tensor
     place: torch.Tensor
+    counts: torch.Tensor
 
 
 def slot_targets(scenes: Sequence[Any], grid: int, num_slots: int) -> SlotTargets:
@@ -620,6 +644,7 @@ def slot_targets(scenes: Sequence[Any], grid: int, num_slots: int) -> SlotTarget
     cover = np.zeros((S, num_slots), dtype=np.float32)
     classes = np.full((5, S, num_slots), -100, dtype=np.int64)
     box = np.zeros((S, num_slots, SLOT_BOX_TERMS), dtype=np.float32)
+    counts = np.full((S, num_slots, len(COUNT_PATTERNS)), -100, dtype=np.int64)
     for s, scene in enumerate(scenes):
         if not scene.objects:
             continue
@@ -647,12 +672,34 @@ def slot_targets(scenes: Sequence[Any], grid: int, num_slots: int) -> SlotTarget
             ],
             dtype=np.int64,
         )  # [n, 5]
+        attributes = [(o.size, o.colour, o.shape) for o in scene.objects]
+        sharing = np.array(
+            [
+                [
+                    min(
+                        sum(all(x == y for x, y, k in zip(a, b, p, strict=True) if k) for b in attributes),
+                        COUNT_CLASSES,
+                    )
+                    - 1
+                    for p in COUNT_PATTERNS
+                ]
+                for a in attributes
+            ],
+            dtype=np.int64,
+        )  # [n, len(COUNT_PATTERNS)]
         cover[s, q] = 1.0
         classes[:, s, q] = per_object[w].T
+        counts[s, q] = sharing[w]
         relative = boxes[w] - np.stack([cx[q], cy[q], cx[q], cy[q]], axis=1)  # float64, then float32 × grid
         box[s, q] = relative.astype(np.float32) * np.float32(grid)
     classes_t = torch.from_numpy(classes)
-    return SlotTargets(torch.from_numpy(cover), *classes_t[:3], torch.from_numpy(box), *classes_t[3:])
+    return SlotTargets(
+        torch.from_numpy(cover),
+        *classes_t[:3],
+        torch.from_numpy(box),
+        *classes_t[3:],
+        torch.from_numpy(counts),
+    )
 
 
 def slot_loss(
@@ -660,7 +707,8 @@ def slot_loss(
 ) -> torch.Tensor:
     """Objectness binary cross-entropy over all slots; with the "objects" read-out also the colour, shape
     and size cross-entropies and the box L1 (in patches), each a mean over the covered slots; with "groups"
-    also the group-size and place cross-entropies, each times `group_weight`."""
+    also the group-size and place cross-entropies, each times `group_weight`; with "counts" also the mean
+    of the pattern counts' cross-entropies, times `group_weight`."""
     import torch.nn.functional as F
 
     out = head(slots.float())  # [S, Q, K]
@@ -678,6 +726,9 @@ def slot_loss(
             loss = loss + group_weight * F.cross_entropy(
                 picked[:, columns[name]], getattr(targets, name)[covered]
             )
+    if "counts" in columns:
+        logits = picked[:, columns["counts"]].reshape(-1, COUNT_CLASSES)  # [N * patterns, classes]
+        loss = loss + group_weight * F.cross_entropy(logits, targets.counts[covered].reshape(-1))
     return loss
 
 
@@ -687,7 +738,8 @@ def slot_report(out: torch.Tensor, targets: SlotTargets) -> dict[str, Any]:
     share of "colour", "shape" and "size" read right, "box_l1" the mean absolute box error (in patches);
     with the "groups" read-out "place" likewise and "group", the confusion matrix of the group size (row:
     true 1, 2, 3, 4+; column: read), and "group_recall", its diagonal over its row sums (None for an
-    empty row). "slots": the number of covered slots."""
+    empty row); with "counts" also "counts", the share read right per pattern (COUNT_PATTERN_NAMES).
+    "slots": the number of covered slots."""
     out = out.float()
     columns = slot_columns(out.shape[-1])
     covered = targets.cover.bool()
@@ -713,6 +765,10 @@ def slot_report(out: torch.Tensor, targets: SlotTargets) -> dict[str, Any]:
     report["group"] = confusion
     report["group_recall"] = [row[i] / sum(row) if sum(row) else None for i, row in enumerate(confusion)]
     report["place"] = float((read("place") == targets.place[covered]).float().mean())
+    if "counts" in columns:
+        read_counts = picked[:, columns["counts"]].reshape(len(picked), len(COUNT_PATTERNS), -1).argmax(-1)
+        right = (read_counts == targets.counts[covered]).float().mean(0)
+        report["counts"] = dict(zip(COUNT_PATTERN_NAMES, right.tolist(), strict=True))
     return report
 
 

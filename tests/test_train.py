@@ -536,6 +536,33 @@ def test_slot_targets_count_twins_and_tell_them_apart():
     assert set(T.slot_targets([five], grid=4, num_slots=16).group[0].tolist()) == {-100, 3}
 
 
+def test_slot_targets_count_what_each_part_of_a_description_matches():
+    # grid 4, one object per quarter-row patch: two small red circles, a large red square, a small blue
+    # circle. Worked out by hand, per COUNT_PATTERNS (size; colour; shape; size+colour; size+shape;
+    # colour+shape), objects sharing those attributes less one
+    scene = _scene_of(
+        ("circle", "red", "small", (0.0, 0.0, 0.2, 0.2)),
+        ("circle", "red", "small", (0.8, 0.0, 1.0, 0.2)),
+        ("square", "red", "large", (0.0, 0.8, 0.2, 1.0)),
+        ("circle", "blue", "small", (0.8, 0.8, 1.0, 1.0)),
+    )
+    assert T.COUNT_PATTERN_NAMES == (
+        "size", "colour", "shape", "size+colour", "size+shape", "colour+shape"
+    )  # fmt: skip
+    targets = T.slot_targets([scene], grid=4, num_slots=16)
+    assert targets.counts.shape == (1, 16, 6)
+    assert targets.counts[0, 0].tolist() == [2, 2, 2, 1, 2, 1]  # small red circle
+    assert targets.counts[0, 3].tolist() == [2, 2, 2, 1, 2, 1]  # its twin
+    assert targets.counts[0, 12].tolist() == [0, 2, 0, 0, 0, 0]  # large red square
+    assert targets.counts[0, 15].tolist() == [2, 0, 2, 0, 2, 0]  # small blue circle
+    assert (targets.counts[0, [1, 2, 5, 6, 9, 10, 13, 14]] == -100).all()
+    # six of a kind: six objects share everything, the top class
+    six = _scene_of(
+        *[("star", "green", "small", (0.25 * i, 0.25 * (i // 4), 0.25 * i + 0.1, 0.1)) for i in range(6)]
+    )
+    assert set(T.slot_targets([six], grid=4, num_slots=16).counts[0].flatten().tolist()) <= {-100, 5}
+
+
 def _slot_targets_one_by_one(scenes, grid, num_slots):
     """The slot targets the plain way, slot by slot and object by object (in Python floats), as the
     reference for the array code of `T.slot_targets` (the shipped model's run used this one)."""
@@ -628,6 +655,24 @@ def test_slot_loss_reads_objectness_then_attributes_and_box():
     assert float(T.slot_loss(groups, slots, targets, group_weight=0.25)) == pytest.approx(
         float(expected - 0.75 * group_terms), rel=1e-6
     )
+    counts = torch.nn.Linear(8, T.slot_head_outputs("counts"))
+    out = counts(slots)
+    assert out.shape[-1] == k + 10 + 36
+    with torch.no_grad():
+        counts.weight[: k + 10].copy_(groups.weight)
+        counts.bias[: k + 10].copy_(groups.bias)
+    out = counts(slots)
+    count_terms = torch.stack(
+        [
+            F.cross_entropy(
+                out[..., k + 10 + 6 * j : k + 16 + 6 * j][covered], targets.counts[..., j][covered]
+            )
+            for j in range(6)
+        ]
+    ).mean()
+    assert float(T.slot_loss(counts, slots, targets, group_weight=0.25)) == pytest.approx(
+        float(expected - 0.75 * group_terms + 0.25 * count_terms), rel=1e-6
+    )
     objectness = torch.nn.Linear(8, T.slot_head_outputs("objectness"))
     assert float(T.slot_loss(objectness, slots, targets)) == pytest.approx(
         float(F.binary_cross_entropy_with_logits(objectness(slots)[..., 0], targets.cover)), rel=1e-6
@@ -666,6 +711,21 @@ def test_slot_report_by_hand():
     objects = T.slot_report(out[..., : T.slot_head_outputs("objects")], targets)
     assert "group" not in objects and objects["colour"] == report["colour"]
     assert T.slot_report(out[..., :1], targets) == {"slots": 8, "objectness": pytest.approx(15 / 16)}
+    assert "counts" not in report
+    # the "counts" read-out: the same columns first, then 6 patterns x 6 classes; every pattern read right
+    # on all 8 covered slots but colour (the second pattern), read one too many on the 4 circles
+    wide = torch.cat([out, torch.zeros(1, 16, 36)], dim=-1)
+    assert wide.shape[-1] == T.slot_head_outputs("counts")
+    start = T.slot_head_outputs("groups")
+    for q in covered:
+        for j in range(6):
+            c = int(targets.counts[0, q, j]) + (1 if j == 1 and q < 4 else 0)
+            wide[0, q, start + 6 * j + c] = 5.0
+    counted = T.slot_report(wide, targets)
+    assert counted["counts"] == {
+        "size": 1.0, "colour": 0.5, "shape": 1.0, "size+colour": 1.0, "size+shape": 1.0, "colour+shape": 1.0
+    }  # fmt: skip
+    assert counted["group"] == report["group"]
 
 
 def test_probe_slots_reads_a_runs_slot_head_on_held_out_scenes(finished_run, tmp_path):

@@ -4,7 +4,8 @@ Loads RUN/checkpoint.pt (a `kosmos2 train --out RUN` folder: last-step weights a
 read-out), shows it `--scenes` scenes of a held-out split as training does, and prints `kosmos2.train.
 slot_report`: objectness, colour, shape and size accuracy, the box error, and for the "groups" read-out the
 group-size confusion (how many objects are identical to each slot's: what a caption's count word and plain
-VQA's "how many" need) and the place accuracy. docs/DEFAULT_MODEL.md records what it measured.
+VQA's "how many" need) and the place accuracy, and for "counts" how often each pattern's count is read
+right. docs/DEFAULT_MODEL.md records what it measured.
 
     python tools/slot_probe.py runs/default
     python tools/slot_probe.py runs/a runs/b --scenes 200 --split compositional --json
@@ -33,6 +34,9 @@ def format_report(name: str, report: dict) -> str:
         ):
             shown = "-" if recall is None else f"{recall:.3f}"
             lines.append(f"    {label:>2}: {' '.join(f'{n:6d}' for n in row)}   recall {shown}")
+    if "counts" in report:
+        read = "  ".join(f"{name} {share:.3f}" for name, share in report["counts"].items())
+        lines.append(f"  objects sharing its ... read right: {read}")
     return "\n".join(lines)
 
 
