@@ -675,21 +675,9 @@ def slot_targets(scenes: Sequence[Any], grid: int, num_slots: int) -> SlotTarget
             ],
             dtype=np.int64,
         )  # [n, 5]
-        attributes = [(o.size, o.colour, o.shape) for o in scene.objects]
-        sharing = np.array(
-            [
-                [
-                    min(
-                        sum(all(x == y for x, y, k in zip(a, b, p, strict=True) if k) for b in attributes),
-                        COUNT_CLASSES,
-                    )
-                    - 1
-                    for p in COUNT_PATTERNS
-                ]
-                for a in attributes
-            ],
-            dtype=np.int64,
-        )  # [n, len(COUNT_PATTERNS)]
+        sharing = (
+            np.minimum(synthetic.sharing_counts(scene, COUNT_PATTERNS), COUNT_CLASSES) - 1
+        )  # [n, patterns]
         cover[s, q] = 1.0
         classes[:, s, q] = per_object[w].T
         counts[s, q] = sharing[w]

@@ -657,6 +657,13 @@ def twin_facts(scene: Scene) -> list[tuple[int, str | None]]:
     return [(len(facts.matching(_desc(o, FULL))), facts.place(i)) for i, o in enumerate(scene.objects)]
 
 
+def sharing_counts(scene: Scene, patterns: Sequence[tuple[bool, bool, bool]]) -> list[list[int]]:
+    """Per object of `scene`, per attribute pattern: how many objects match its description under that
+    pattern (itself included), the answer to "How many <its description> are there?" (training's "counts"
+    slot read-out)."""
+    return [[sum(_matches(b, _desc(a, p)) for b in scene.objects) for p in patterns] for a in scene.objects]
+
+
 def _third(v: float, names: tuple[str, str, str]) -> str | None:
     if v < 1 / 3 - REGION_MARGIN:
         return names[0]
