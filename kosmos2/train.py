@@ -1240,6 +1240,48 @@ class BatchWorker:
         self.close()
 
 
+class BatchThread:
+    """`make_batch` for the next step made in a background thread of this process while the model trains on
+    this one. The same batches as without it (a batch is a pure function of (recipe, step)) and so the same
+    weights. On the CPU it pays where a worker process did not: the batch's Pillow resizes, numpy and
+    tokenizer calls release the GIL and fill the moments the trainer's OpenMP threads leave a core idle
+    (Python between the model's operations, the optimizer's small ones), with nothing to pickle or copy
+    between processes (benchmarks/batch_worker.py). `get(step)` returns the batch of `step` and starts the
+    next one; an error in the thread is raised there. Use as a context manager: on exit it waits for the
+    batch in flight (at most one) and stops the thread."""
+
+    def __init__(self, recipe: Recipe, end: int, tokenizer: Kosmos2Tokenizer, *batch_args: Any) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._make = lambda step: make_batch(recipe, step, tokenizer, *batch_args)
+        self._end = end
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kosmos2-batch")
+        self._pending: tuple[int, Any] | None = None
+
+    def get(self, step: int) -> Batch:
+        if self._pending is not None and self._pending[0] == step:
+            batch = self._pending[1].result()
+        else:  # the first step (or a step out of order): made here
+            if self._pending is not None:
+                self._pending[1].cancel()
+            batch = self._make(step)
+        nxt = step + 1
+        self._pending = (nxt, self._pool.submit(self._make, nxt)) if nxt < self._end else None
+        return batch
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending[1].cancel()
+            self._pending = None
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> BatchThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def _batch_worker(
     out: Any,
     recipe: dict[str, Any],
@@ -1482,10 +1524,13 @@ def muon_parameter(name: str, parameter: torch.Tensor) -> bool:
 def make_optimizer(model: Kosmos2, recipe: Recipe, head: torch.nn.Module | None = None) -> Optimizers:
     """AdamW with weight decay on matrices (linear, embedding, latent queries), none on biases and norms;
     over the model's parameters and those of `head` (the training-only read-outs), if any. With
-    recipe.optimizer "muon", the layers' 2-D weights (`muon_parameter`) go to torch.optim.Muon instead."""
+    recipe.optimizer "muon", the layers' 2-D weights (`muon_parameter`) go to Muon instead: torch.optim.Muon's
+    algorithm and floats, its orthogonalisation batched per matrix shape (kosmos2.muon.StackedMuon)."""
     import itertools
 
     import torch
+
+    from kosmos2.muon import StackedMuon
 
     decay, no_decay, muon = [], [], []
     named = itertools.chain(model.named_parameters(), head.named_parameters(prefix="head") if head else ())
@@ -1501,7 +1546,7 @@ def make_optimizer(model: Kosmos2, recipe: Recipe, head: torch.nn.Module | None 
     optimizers = [torch.optim.AdamW(groups, lr=recipe.lr, betas=recipe.betas, eps=recipe.eps)]
     if muon:
         optimizers.append(
-            torch.optim.Muon(
+            StackedMuon(
                 muon,
                 lr=recipe.muon_lr,
                 weight_decay=recipe.weight_decay,
@@ -1649,7 +1694,7 @@ def train(
     progress: bool = True,
     progress_stream: TextIO | None = None,
     device: torch.device | str = "cpu",
-    prefetch: bool | int = False,
+    prefetch: bool | int | str = False,
 ) -> Path:
     """Run (or resume) `recipe` in `out_dir`; return the folder of the exported model (`out_dir/model`).
 
@@ -1661,12 +1706,12 @@ def train(
     initialised on the CPU, so every device starts from the same weights; the floats of later steps differ
     between devices (other kernels), and the shipped model is the CPU run's.
 
-    `prefetch`: make the batches in a worker process (`BatchWorker`), the next ones while the model trains
-    on this one; the same batches and the same weights. It pays where the trainer would otherwise wait for
-    the CPU's ~0.2 s a batch (a GPU `device`); on the 2-core CPU, whose cores the model keeps busy, it did
-    not (benchmarks/batch_worker.py), so `kosmos2 train` turns it on for GPU devices only. A number: that
-    many worker processes (`BatchWorker(workers=...)`; True is one, False and 0 none), for a GPU that
-    trains faster than one core makes batches.
+    `prefetch`: make the next batches while the model trains on this one; the same batches and the same
+    weights. "thread": the next one in a background thread (`BatchThread`), which on the 2-core CPU makes a
+    step ~6 % cheaper (benchmarks/batch_worker.py), so `kosmos2 train` uses it for a CPU run. True or a
+    number: in that many worker processes (`BatchWorker(workers=...)`; True is one, False and 0 none), for a
+    GPU `device`, which would otherwise wait for the CPU's ~0.1 s a batch, or train faster than one core
+    makes batches; on the 2-core CPU, whose cores the model keeps busy, worker processes did not pay.
     """
     import torch
 
@@ -1743,7 +1788,9 @@ def train(
     model.train()
     batch_args = (image_size, num_image_tokens, grid, counter is not None)  # after make_batch's tokenizer
     worker: Any = contextlib.nullcontext()
-    if prefetch and step < end:
+    if prefetch == "thread" and step < end:
+        worker = BatchThread(recipe, end, tokenizer, *batch_args)
+    elif prefetch and step < end:
         worker = BatchWorker(recipe, step, end, tokenizer_dir, *batch_args, workers=int(prefetch))
     with worker, _flush_denormals(device.type == "cpu"), open(out / LOG_FILE, "a", encoding="utf-8") as log:
         while step < end:
@@ -2046,10 +2093,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
-        "--prefetch", choices=("auto", "on", "off"), default="auto",
-        help="make the next batches in a worker process while the model trains (the same batches and "
-        "weights either way); auto: on for a GPU --device, where the CPU's batch would otherwise leave the "
-        "GPU waiting, off on the CPU, whose cores the model already keeps busy (default: %(default)s)",
+        "--prefetch", choices=("auto", "on", "thread", "off"), default="auto",
+        help="make the next batches while the model trains (the same batches and weights either way): on: in "
+        "worker processes, thread: the next one in a background thread of the trainer; auto: on for a GPU "
+        "--device, where the CPU's batch would otherwise leave the GPU waiting, thread on the CPU, whose "
+        "cores the model keeps busy but for moments the thread fills (default: %(default)s)",
     )  # fmt: skip
     p.add_argument(
         "--prefetch-workers", type=int, default=1, metavar="N",
@@ -2094,7 +2142,9 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"kosmos2 train: error: {message}", file=sys.stderr)
         return 2
     on = args.prefetch == "on" or (args.prefetch == "auto" and device.type != "cpu")
-    prefetch = args.prefetch_workers if on else 0  # the number of batch workers, 0: none
+    thread = args.prefetch == "thread" or (args.prefetch == "auto" and device.type == "cpu")
+    # the number of batch worker processes (0: none), or the trainer's own batch thread
+    prefetch: int | str = args.prefetch_workers if on else "thread" if thread else 0
     try:
         model_dir = train(recipe, args.out, progress=not args.no_progress, device=device, prefetch=prefetch)
     except ValueError as e:

@@ -209,6 +209,33 @@ def test_a_run_prefetched_by_three_workers_ends_on_the_same_weights(finished_run
     assert (out / model).read_bytes() == (finished_run / model).read_bytes()
 
 
+def test_a_run_with_the_batch_thread_ends_on_the_same_weights(finished_run, tmp_path):
+    """prefetch="thread" (kosmos2 train's CPU default): the same losses step by step and the same exported
+    bytes as the run that makes each batch between steps."""
+    out = tmp_path / "threaded"
+    T.train(recipe(), out, progress=False, prefetch="thread")
+    model = T.MODEL_DIR + "/model.safetensors"
+    assert (out / model).read_bytes() == (finished_run / model).read_bytes()
+    a, b = ((run / T.LOG_FILE).read_text().splitlines() for run in (out, finished_run))
+    assert [(r["step"], r["loss"]) for r in map(json.loads, a)] == [
+        (r["step"], r["loss"]) for r in map(json.loads, b)
+    ]
+
+
+def test_batch_thread_gives_each_steps_batch_and_raises_the_threads_error(finished_run, tokenizer):
+    r = recipe(share_prefix=True)
+    with T.BatchThread(r, 6, tokenizer, 28, 64, 4) as thread:
+        for step in (3, 4, 5):  # 3 made at once, 4 and 5 in the thread while the caller has the one before
+            _same_batch(thread.get(step), T.make_batch(r, step, tokenizer, 28, 64, 4))
+        _same_batch(thread.get(1), T.make_batch(r, 1, tokenizer, 28, 64, 4))  # out of order: made at once
+    with T.BatchThread(r, 6, tokenizer, 28, 64, 4) as thread:
+        thread.get(0)
+        thread._make = lambda step: T.make_batch(r, step, tokenizer, 28, 0, 4)  # from here on, a bad batch
+        thread.get(1)  # made before the change; step 2 starts, and fails, in the thread
+        with pytest.raises(ValueError):
+            thread.get(2)
+
+
 def test_batch_worker_refuses_no_workers(tmp_path):
     with pytest.raises(ValueError, match="workers=0: use a positive number"):
         T.BatchWorker(recipe(), 0, 2, tmp_path, 64, 64, workers=0)
@@ -812,10 +839,11 @@ def _children(pid: int) -> list[int]:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("prefetch", ["off", "on"])
+@pytest.mark.parametrize("prefetch", ["off", "on", "thread"])
 def test_killed_run_resumes_to_the_same_weights(finished_run, tmp_path, prefetch):
     """SIGKILL a `kosmos2 train` process mid-run, resume in this process: the weights equal an uninterrupted
-    run's bit for bit. With --prefetch on the killed trainer's batch worker ends by itself."""
+    run's bit for bit. With --prefetch on the killed trainer's batch worker ends by itself; with thread the
+    batch made ahead dies with the trainer and the resumed run makes it again."""
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "kosmos2.cli", "train", "--recipe", "test", "--steps", str(STEPS)]
     command += ["--out", str(out), "--eval-per-task", "0", "--no-progress", "--threads", "1"]
@@ -838,7 +866,7 @@ def test_killed_run_resumes_to_the_same_weights(finished_run, tmp_path, prefetch
         if process.poll() is None:
             process.kill()
     assert process.returncode == -signal.SIGKILL
-    assert children or prefetch == "off", "kosmos2 train --prefetch on ran without its batch worker"
+    assert children or prefetch != "on", "kosmos2 train --prefetch on ran without its batch worker"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in children):
         time.sleep(0.1)
