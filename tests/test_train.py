@@ -190,30 +190,13 @@ def test_batch_worker_sends_make_batchs_batches_in_step_order(finished_run, toke
             worker.get(4)
 
 
-def test_a_prefetched_run_ends_on_the_same_weights(finished_run, tmp_path):
+@pytest.mark.parametrize("prefetch", [True, 3, "thread"], ids=["worker", "three-workers", "thread"])
+def test_a_prefetched_run_ends_on_the_same_weights(finished_run, tmp_path, prefetch):
+    """Batches made ahead, by a worker process, by three (worker k makes steps k, k + 3, ...: the trainer must
+    still take them in step order) or by the trainer's thread (kosmos2 train's CPU default): the same losses
+    step by step and the same exported bytes as the run that makes each batch between steps."""
     out = tmp_path / "prefetched"
-    T.train(recipe(), out, progress=False, prefetch=True)
-    model = T.MODEL_DIR + "/model.safetensors"
-    assert (out / model).read_bytes() == (finished_run / model).read_bytes()
-    a, b = ((run / T.LOG_FILE).read_text().splitlines() for run in (out, finished_run))
-    assert [(r["step"], r["loss"]) for r in map(json.loads, a)] == [
-        (r["step"], r["loss"]) for r in map(json.loads, b)
-    ]
-
-
-def test_a_run_prefetched_by_three_workers_ends_on_the_same_weights(finished_run, tmp_path):
-    # worker k makes steps k, k + 3, ...: the trainer must still take them in step order
-    out = tmp_path / "three"
-    T.train(recipe(), out, progress=False, prefetch=3)
-    model = T.MODEL_DIR + "/model.safetensors"
-    assert (out / model).read_bytes() == (finished_run / model).read_bytes()
-
-
-def test_a_run_with_the_batch_thread_ends_on_the_same_weights(finished_run, tmp_path):
-    """prefetch="thread" (kosmos2 train's CPU default): the same losses step by step and the same exported
-    bytes as the run that makes each batch between steps."""
-    out = tmp_path / "threaded"
-    T.train(recipe(), out, progress=False, prefetch="thread")
+    T.train(recipe(), out, progress=False, prefetch=prefetch)
     model = T.MODEL_DIR + "/model.safetensors"
     assert (out / model).read_bytes() == (finished_run / model).read_bytes()
     a, b = ((run / T.LOG_FILE).read_text().splitlines() for run in (out, finished_run))
