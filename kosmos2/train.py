@@ -1246,9 +1246,9 @@ class BatchThread:
     weights. On the CPU it pays where a worker process did not: the batch's Pillow resizes, numpy and
     tokenizer calls release the GIL and fill the moments the trainer's OpenMP threads leave a core idle
     (Python between the model's operations, the optimizer's small ones), with nothing to pickle or copy
-    between processes (benchmarks/batch_worker.py). `get(step)` returns the batch of `step` and starts the
-    next one; an error in the thread is raised there. Use as a context manager: on exit it waits for the
-    batch in flight (at most one) and stops the thread."""
+    between processes (docs/DEFAULT_MODEL.md, "The same floats, a cheaper step"). `get(step)` returns the
+    batch of `step` and starts the next one; an error in the thread is raised there. Use as a context
+    manager: on exit it waits for the batch in flight (at most one) and stops the thread."""
 
     def __init__(self, recipe: Recipe, end: int, tokenizer: Kosmos2Tokenizer, *batch_args: Any) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -1707,8 +1707,8 @@ def train(
     between devices (other kernels), and the shipped model is the CPU run's.
 
     `prefetch`: make the next batches while the model trains on this one; the same batches and the same
-    weights. "thread": the next one in a background thread (`BatchThread`), which on the 2-core CPU makes a
-    step ~6 % cheaper (benchmarks/batch_worker.py), so `kosmos2 train` uses it for a CPU run. True or a
+    weights. "thread": the next one in a background thread (`BatchThread`), which on the 2-core CPU made a
+    step ~6 % cheaper (docs/DEFAULT_MODEL.md), so `kosmos2 train` uses it for a CPU run. True or a
     number: in that many worker processes (`BatchWorker(workers=...)`; True is one, False and 0 none), for a
     GPU `device`, which would otherwise wait for the CPU's ~0.1 s a batch, or train faster than one core
     makes batches; on the 2-core CPU, whose cores the model keeps busy, worker processes did not pay.
