@@ -1246,7 +1246,7 @@ class BatchThread:
     weights. On the CPU it pays where a worker process did not: the batch's Pillow resizes, numpy and
     tokenizer calls release the GIL and fill the moments the trainer's OpenMP threads leave a core idle
     (Python between the model's operations, the optimizer's small ones), with nothing to pickle or copy
-    between processes (docs/DEFAULT_MODEL.md, "The same floats, a cheaper step"). `get(step)` returns the
+    between processes (benchmarks/batch_worker.py; docs/DEFAULT_MODEL.md). `get(step)` returns the
     batch of `step` and starts the next one; an error in the thread is raised there. Use as a context
     manager: on exit it waits for the batch in flight (at most one) and stops the thread."""
 
