@@ -285,8 +285,8 @@ class Recipe:
 
 
 RECIPES: dict[str, Callable[[], Recipe]] = {
-    # the built-in default model: preset "small-128" (128 px images in 16 px patches), ~58-62 minutes on 2
-    # CPU cores (3,100 steps of 1.1-1.2 s; each step 32 scenes x 4 samples behind a shared image prefix: new
+    # the built-in default model: preset "small-128" (128 px images in 16 px patches), ~56 minutes on 2
+    # CPU cores (3,100 steps of ~1.07 s; each step 32 scenes x 4 samples behind a shared image prefix: new
     # scenes teach more than more samples of a scene), Muon on the layers' matrices, the "groups" slot
     # read-out (how many objects are identical to each slot's, and the word that tells them apart: the
     # counting the captions, REG and VQA need), the exported weights a moving average, the mixture shifted
