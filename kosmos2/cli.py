@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES = [
     "kosmos2.commands",  # ground, info, convert
     "kosmos2.train",  # train
+    "kosmos2.finetune_draft.finetune",  # finetune
     "kosmos2.data.grit_cli",  # grit build
     "kosmos2.eval.cli",  # eval refcoco | flickr30k | synthetic
 ]
