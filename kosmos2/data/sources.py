@@ -7,7 +7,7 @@ loss on the target only. Every reader is a `Source`; `--data` specs (`parse_spec
     kind     file(s)                                      samples
     coco     COCO detection instances.json               caption listing the objects (category names are the
                                                           phrases), REC for each object that its name or a
-                                                          position picks out uniquely, REG for the same objects
+                                                          position picks out uniquely, REG for them
     refer    refer's refs(unc|umd|google).p + instances   REC (and REG) for each expression of a split
     mdetr    MDETR finetune_refcoco*_<split>.json         REC (and REG)
     flickr   Flickr30k Entities folder (Annotations/,     grounded caption per sentence, phrase grounding per
@@ -147,7 +147,7 @@ def normalized_box(box: Sequence[float], size: tuple[int, int], xywh: bool = Fal
 
 
 def image_size_of(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header (no decoding). Raises BadRecord for a missing or unreadable file."""
+    """(width, height) from the file header (no decoding); BadRecord for a missing or unreadable file."""
     from PIL import Image
 
     if not path.is_file():
@@ -210,7 +210,8 @@ def _read_jsonl(path: Path, report: Report) -> Iterator[tuple[int, dict[str, Any
 def caption_sample(
     image: str, size: tuple[int, int], phrases: Sequence[tuple[str, Sequence[Box]]], where: str, group: str
 ) -> Sample:
-    """ "An image of A, B and C." with each phrase grounded (normalised boxes); prompt "<grounding>An image of"."""
+    """Caption "An image of A, B and C." with each phrase grounded (normalised boxes), as the target after
+    the prompt "<grounding>An image of"."""
     names = [p for p, _ in phrases]
     listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     caption = f"{CAPTION_PROMPT} {listed}."
@@ -392,7 +393,7 @@ class CocoSource(Source):
         by_image: dict[Any, list[dict]] = {}
         for ann in data.get("annotations", []):
             by_image.setdefault(ann.get("image_id"), []).append(ann)
-        for number, img in enumerate(data["images"]):
+        for img in data["images"]:
             where = f"image id {img.get('id')}"
             try:
                 path = find_image(self.image_root, str(img["file_name"]))
@@ -627,7 +628,8 @@ class JsonlSource(Source):
     """Plain JSONL, one record per line, image paths relative to `images=` (default: the file's folder):
 
         {"image": "a.png", "text": "<grounding>An image of<phrase> a cat</phrase><object>…</object>"}
-        {"image": "a.png", "caption": "a cat on a mat", "phrases": [{"text": "a cat", "boxes": [[x1,y1,x2,y2]]}]}
+        {"image": "a.png", "caption": "a cat on a mat", "phrases": [{"text": "a cat",
+         "boxes": [[x1,y1,x2,y2]]}]}
 
     "text" is grounded markup as the model writes it; a leading `<grounding>` and an optional "prompt" field
     (default "<grounding>") become the prompt, the rest is the target. It must parse back to itself
@@ -846,15 +848,23 @@ class Dataset:
 def load_sources(
     sources: Sequence[Source], report: Report | None = None, holdout: float = 0.0, seed: int = 0
 ) -> Dataset:
-    """Read every sample of `sources` (streaming ones too: fine-tuning sets fit in memory as paths and
-    strings); images whose key `held_out` picks go to the held-out list."""
+    """Read every sample of `sources`; images whose key `held_out` picks go to the held-out list.
+
+    Samples hold image paths and strings, so fine-tuning sets of 10^5-10^6 samples fit in memory; GRIT
+    samples hold their cropped image (PNG bytes): read GRIT subsets of fine-tuning size this way, not all of
+    GRIT-20M. Raises ValueError for a source without a single usable sample.
+    """
     report = report or Report()
     train, heldout = [], []
     for source in sources:
-        mine = []
+        mine, held = [], 0
         for sample in source.samples(report):
-            (heldout if held_out(sample.group, holdout, seed) else mine).append(sample)
-        if not mine:
+            if held_out(sample.group, holdout, seed):
+                heldout.append(sample)
+                held += 1
+            else:
+                mine.append(sample)
+        if not mine and not held:
             raise ValueError(
                 f"{source}: no usable training samples ({report.counts.get(str(source.path), 0)} bad)"
             )
@@ -868,6 +878,9 @@ def mixture(
     """An endless stream of samples: each draw picks a source with probability proportional to its weight,
     then its next sample in an order reshuffled every pass. Deterministic in (seed, data): `start` skips the
     first `start` draws, so a resumed run continues the stream it was on."""
+    weights = [w if len(p) else 0.0 for p, w in zip(per_source, weights, strict=True)]
+    if not any(weights):
+        raise ValueError("no training samples to draw from (everything was held out or bad)")
     rng = random.Random(seed)
     orders: list[list[int]] = [[] for _ in per_source]
     passes = [0] * len(per_source)

@@ -62,9 +62,9 @@ def check_vocabulary(tokenizer: Kosmos2Tokenizer, samples: Iterable[Sample], mod
         shown = ", ".join(repr(w) for w in bad[:20]) + (f" and {len(bad) - 20} more" if len(bad) > 20 else "")
         missing = sorted({c for w in bad for c in w if tokenizer.unk_id in tokenizer.encode(c)})
         raise UnknownWordsError(
-            f"the tokenizer of {model_dir or 'the model'} cannot encode {len(bad)} word(s) of the data: {shown} "
-            f"(characters it lacks: {''.join(missing) or '?'}); rename those words in the data, or fine-tune a "
-            "checkpoint whose vocabulary covers them (the official one covers all text)"
+            f"the tokenizer of {model_dir or 'the model'} cannot encode {len(bad)} word(s) of the data: "
+            f"{shown} (characters it lacks: {''.join(missing) or '?'}); rename those words in the data, or "
+            "fine-tune a checkpoint whose vocabulary covers them (the official one covers all text)"
         )
 
 

@@ -66,6 +66,7 @@ class FinetuneConfig:
     bf16: bool = False
     eval_every: int = 100
     eval_limit: int = 200  # held-out queries per task per evaluation
+    eval_at_start: bool = False  # also score the checkpoint before the first step
     save_every: int = 50
     seed: int = 0
     device: str = "cpu"
@@ -74,7 +75,16 @@ class FinetuneConfig:
 
     def resume_key(self) -> dict[str, Any]:
         """The fields a resumed run must share with the run it continues."""
-        skip = {"steps", "eval_every", "save_every", "threads", "progress", "device", "eval_limit"}
+        skip = {
+            "steps",
+            "eval_every",
+            "save_every",
+            "threads",
+            "progress",
+            "device",
+            "eval_limit",
+            "eval_at_start",
+        }
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -309,7 +319,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         print(f"step {step}: held-out {_fmt(result)}{' (best)' if improved else ''}", file=sys.stderr)
         return result
 
-    if not resuming and heldout:
+    if not resuming and heldout and cfg.eval_at_start:
         last = run_eval()  # before fine-tuning: the starting point
     # 4. the loop
     stream = mixture(data.train, data.weights, cfg.seed, start=drawn)
@@ -408,7 +418,7 @@ def _fmt(result: dict[str, Any]) -> str:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "finetune",
-        help="fine-tune a checkpoint on grounded data (COCO, RefCOCO, Flickr30k, ODVG, GRIT, JSONL); full or LoRA",
+        help="fine-tune a checkpoint on grounded data: full or LoRA",
         description=__doc__.split("\n\n")[0],
     )
     d = FinetuneConfig()
@@ -449,6 +459,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--device", default=d.device)
+    p.add_argument("--eval-at-start", action="store_true", help="score the checkpoint before training too")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=run_finetune)
 
