@@ -16,11 +16,11 @@ lacks (overwriting any file a shard left before the manifest named it): nothing 
 Shard boundaries and keys depend only on the input and `shard_size`, never on the number of workers. A lock
 file (<output>/.lock, flock) keeps a second build out of a folder that one is writing.
 
-The parquet records have exactly the released GRIT-20M columns (`GRIT_SCHEMA`):
+The parquet records have exactly the released GRIT-20M columns, in the released order (`grit_schema()`), so
+that pyarrow.concat_tables accepts released files and ours together:
 
-    key str, id int64, url str, caption str, width int64, height int64,
-    clip_similarity_vitb32 float64, clip_similarity_vitl14 float64,
-    noun_chunks list<list<float64>>, ref_exps list<list<float64>>
+    key str, clip_similarity_vitb32 float64, clip_similarity_vitl14 float64, id int64, url str, caption str,
+    width int64, height int64, noun_chunks list<list<float64>>, ref_exps list<list<float64>>
 
 Each entry of noun_chunks is [char_start, char_end (exclusive), x_min, y_min, x_max, y_max (normalised),
 score], one per box (a chunk with two boxes has two entries); ref_exps[i] is the referring expression of
@@ -77,18 +77,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# In the released files' order (GRIT-20M's dataset card lists the same): pyarrow.concat_tables and
+# datasets.concatenate_datasets with released files need the same columns in the same order.
 GRIT_COLUMNS = (
     "key",
+    "clip_similarity_vitb32",
+    "clip_similarity_vitl14",
     "id",
     "url",
     "caption",
     "width",
     "height",
-    "clip_similarity_vitb32",
-    "clip_similarity_vitl14",
     "noun_chunks",
     "ref_exps",
 )
+CLIP_COLUMNS = ("clip_similarity_vitb32", "clip_similarity_vitl14")
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "kosmos2-grit-build/1"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -96,24 +99,23 @@ INPUT_KINDS = ("jsonl", "csv", "webdataset", "parquet")
 
 
 def grit_schema() -> pa.Schema:
-    """The arrow schema of a GRIT-20M record, as in the released parquet files."""
+    """The arrow schema of a GRIT-20M record, as in the released parquet files (columns in their order)."""
     import pyarrow as pa
 
     boxes = pa.list_(pa.list_(pa.float64()))
-    return pa.schema(
-        [
-            ("key", pa.string()),
-            ("id", pa.int64()),
-            ("url", pa.string()),
-            ("caption", pa.string()),
-            ("width", pa.int64()),
-            ("height", pa.int64()),
-            ("clip_similarity_vitb32", pa.float64()),
-            ("clip_similarity_vitl14", pa.float64()),
-            ("noun_chunks", boxes),
-            ("ref_exps", boxes),
-        ]
-    )
+    types = {
+        "key": pa.string(),
+        "clip_similarity_vitb32": pa.float64(),
+        "clip_similarity_vitl14": pa.float64(),
+        "id": pa.int64(),
+        "url": pa.string(),
+        "caption": pa.string(),
+        "width": pa.int64(),
+        "height": pa.int64(),
+        "noun_chunks": boxes,
+        "ref_exps": boxes,
+    }
+    return pa.schema([(name, types[name]) for name in GRIT_COLUMNS])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -493,7 +495,7 @@ def _read_parquet_shard(shard: InputShard) -> list[Pair]:
     names = set(file.schema_arrow.names)
     if not {"image", "caption"} <= names:
         raise ValueError(f"{shard.path}: needs the columns image and caption, found {sorted(names)}")
-    columns = [c for c in ("image", "caption", "key", "id", "url") + GRIT_COLUMNS[6:8] if c in names]
+    columns = [c for c in ("image", "caption", "key", "id", "url") + CLIP_COLUMNS if c in names]
     groups, group_start, first_row = [], 0, 0  # first_row: the file row where the first chosen group begins
     for g in range(file.num_row_groups):
         n = file.metadata.row_group(g).num_rows
@@ -552,13 +554,13 @@ def make_record(pair: Pair, parse: CaptionParse, size: tuple[int, int], kept: Se
     width, height = size
     return {
         "key": pair.key,
+        "clip_similarity_vitb32": pair.clip_similarity_vitb32,
+        "clip_similarity_vitl14": pair.clip_similarity_vitl14,
         "id": pair.id,
         "url": pair.url,
         "caption": pair.caption,
         "width": int(width),
         "height": int(height),
-        "clip_similarity_vitb32": pair.clip_similarity_vitb32,
-        "clip_similarity_vitl14": pair.clip_similarity_vitl14,
         "noun_chunks": noun_chunks,
         "ref_exps": ref_exps,
     }
