@@ -327,6 +327,47 @@ def test_shards_resume_and_settings_check(tmp_path, small_input):
     assert build(settings, progress=False).shards_skipped == 3
 
 
+def test_overwrite_starts_a_build_with_other_settings_over(tmp_path, small_input, capsys):
+    from kosmos2.cli import main
+
+    listing, detections = small_input
+    out = tmp_path / "out"
+    command = ["grit", "build", str(listing), str(out), "--detections", str(detections), "--no-progress"]
+    assert main([*command, "--shard-size", "2"]) == 0  # 3 shards
+    capsys.readouterr()
+    (out / "notes.txt").write_text("mine")  # not the build's: stays
+    (out / ".part-00007.tar.x1y2.tmp").write_bytes(b"torn")  # a killed run's temporary file
+    # other settings: refused, and the message names the remedy
+    assert main([*command, "--shard-size", "5"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "shard_size: 2 then, 5 now" in err and "--overwrite" in err
+    assert main([*command, "--shard-size", "5", "--overwrite"]) == 0
+    assert json.loads(capsys.readouterr().out)["shards"] == 1
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [".lock", "manifest.json", "notes.txt", "part-00000.parquet", "part-00000.tar"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["shard_size"] == 5 and list(manifest["shards"]) == ["00000"]
+    # same records as a fresh build with those settings
+    assert main([*command[:3], str(tmp_path / "fresh"), *command[4:], "--shard-size", "5"]) == 0
+    assert read_records(out) == read_records(tmp_path / "fresh")
+    # shard files without a manifest: the message names the remedy too
+    (out / "manifest.json").unlink()
+    assert main([*command, "--shard-size", "5"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*command, "--shard-size", "5", "--overwrite"]) == 0
+
+
+def test_help_says_boxes_are_normalised_and_the_default_key(capsys):
+    from kosmos2.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["grit", "build", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "boxes normalised to the image (x divided by its width, y by its height, all in [0, 1]" in text
+    assert "the first pair is 000000000, the 43rd 000000042" in text
+    assert "--overwrite" in text
+
+
 @pytest.mark.parametrize(
     ("rows", "message"),
     [

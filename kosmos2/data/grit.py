@@ -131,6 +131,8 @@ class BuildSettings:
     "precomputed" (detector_path: the JSONL of detections). nms_iou: class-agnostic NMS threshold across
     chunks (a box overlapping a better one by IoU > nms_iou is dropped; 1.0 turns NMS off). batch_size: images
     per detector call. spacy_pipeline: a spaCy pipeline name or directory (None: grit_text's default).
+    overwrite: delete a previous build's files in `output` (shards, manifest) and start over, instead of
+    resuming it; a build with other settings can be rerun only so (or into another folder).
     """
 
     input: str
@@ -145,6 +147,7 @@ class BuildSettings:
     spacy_pipeline: str | None = None
     webdataset: bool = True
     workers: int = 1
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.detector not in DETECTORS:
@@ -749,15 +752,25 @@ class Manifest:
         return {int(k) for k in self.data["shards"]}
 
     @classmethod
-    def open(cls, directory: Path, settings: dict[str, Any], input_files: list, num_shards: int) -> Manifest:
+    def open(
+        cls,
+        directory: Path,
+        settings: dict[str, Any],
+        input_files: list,
+        num_shards: int,
+        overwrite: bool = False,
+    ) -> Manifest:
         """Load the folder's manifest (checking that it was made by the same settings) or start a new one.
 
         Holds an exclusive lock on <directory>/.lock while the object lives, so two builds cannot write one
         folder at once; the operating system releases it when the process ends, however it ends.
+        overwrite: first delete a previous build's files there (under the lock: never a running build's).
         """
         directory.mkdir(parents=True, exist_ok=True)
         lock = _lock(directory)
         try:
+            if overwrite:
+                remove_build_files(directory)
             return cls._load_or_create(directory, settings, input_files, num_shards, lock)
         except BaseException:
             if lock is not None:
@@ -785,14 +798,15 @@ class Manifest:
                 if before != now:
                     raise ValueError(
                         f"{directory} holds a build with other {name} ({_difference(before, now)}); "
-                        "resume with the same input and options, or write to a new output folder"
+                        "resume with the same input and options, start over with --overwrite (deletes "
+                        "that build's shards), or write to a new output folder"
                     )
             return cls(directory, data, lock)
         unexpected = [p.name for p in directory.iterdir() if p.name.startswith("part-")]
         if unexpected:
             raise ValueError(
-                f"{directory} holds shard files ({unexpected[:3]}...) but no {MANIFEST}; "
-                "write to an empty folder"
+                f"{directory} holds shard files ({unexpected[:3]}...) but no {MANIFEST}; write to an "
+                "empty folder, or pass --overwrite to delete them"
             )
         data = {
             "format": MANIFEST_FORMAT,
@@ -828,6 +842,26 @@ class Manifest:
         for entry in self.data["shards"].values():
             total.update({k: v for k, v in entry.items() if isinstance(v, int)})
         return total
+
+
+# a shard's files, and the temporary names fileio.atomic_write gives them and the manifest
+_BUILD_FILE = re.compile(r"part-\d{5}\.(parquet|tar)|\.(part-\d{5}\.(parquet|tar)|manifest\.json)\..+\.tmp")
+
+
+def remove_build_files(directory: Path) -> list[str]:
+    """Delete what a build writes in `directory` (shards, their temporary files, the manifest); other files
+    stay. Returns the names deleted."""
+    removed = []
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and (path.name == MANIFEST or _BUILD_FILE.fullmatch(path.name)):
+            path.unlink()
+            removed.append(path.name)
+    if removed:
+        fsync_dir(directory)
+        log.info(
+            "grit build --overwrite: deleted %d files of the previous build in %s", len(removed), directory
+        )
+    return removed
 
 
 def _difference(before: Any, now: Any) -> str:
@@ -875,7 +909,9 @@ def prepare(
     if not shards:
         raise ValueError(f"input {settings.input!r} holds no pairs")
     directory = Path(settings.output).expanduser()
-    manifest = Manifest.open(directory, settings.fingerprint(detector_factory), files, len(shards))
+    manifest = Manifest.open(
+        directory, settings.fingerprint(detector_factory), files, len(shards), overwrite=settings.overwrite
+    )
     for stale in directory.glob(".*.tmp"):  # left by a killed run; never named by the manifest
         stale.unlink()
     return shards, manifest
