@@ -8,6 +8,7 @@ The caption parses these tests rely on are unambiguous for en_core_web_sm 3.8.0 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -475,6 +476,69 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path):
     assert _tar_contents(tmp_path / "out") == _tar_contents(tmp_path / "reference")
     assert not list((tmp_path / "out").glob(".*tmp"))
     assert resumed.counts == expected.counts
+
+
+def _descendants(pid: int) -> set[int]:
+    """Live (not zombie) processes under `pid`, from /proc (Linux)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            state, ppid = stat.rpartition(")")[2].split()[:2]
+            if state != "Z":
+                parents[int(entry.name)] = int(ppid)
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"  # a zombie has ended; only its parent may reap it
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_workers_end_with_their_killed_parent(tmp_path, how):
+    listing = _make_input(tmp_path / "in", n_extra=40)  # 45 shards of one pair, 0.3 s each
+    keys = ["000000000"] + [f"{i:09d}" for i in range(5, 45)]
+    detections = _make_detections(tmp_path / "det.jsonl", keys)
+    settings = _settings(tmp_path, listing, detections, shard_size=1, workers=2)
+    values = {f: getattr(settings, f) for f in settings.__dataclass_fields__}
+    script = _KILLED_RUN.format(tests=str(REPO / "tests"), repo=str(REPO), detections=str(detections))
+    process = subprocess.Popen([sys.executable, "-c", script, json.dumps(values)], start_new_session=True)
+    manifest = tmp_path / "out" / "manifest.json"
+    try:
+        deadline = time.monotonic() + 120
+        while not (manifest.exists() and json.loads(manifest.read_text())["shards"]):
+            assert process.poll() is None, "the build ended before it could be killed"
+            assert time.monotonic() < deadline, "no shard done in 120 s"
+            time.sleep(0.05)
+        workers = _descendants(process.pid)
+        assert len(workers) >= 2  # the two workers (and multiprocessing's resource tracker)
+        process.send_signal(how)  # the parent only, not its process group
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while (left := {p for p in workers if _alive(p)}) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not left, f"worker processes {sorted(left)} outlived their parent"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # whatever is left, so that a failure leaks nothing
+        process.wait(timeout=30)
+    done = json.loads(manifest.read_text())["shards"]
+    assert 1 <= len(done) < 45
+    # and the folder resumes: nothing was left locked or half-written
+    summary = build(settings, progress=False, detector_factory=slow_factory(str(detections), 0.0))
+    assert summary.shards_skipped == len(done) and summary.shards_run == 45 - len(done)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ merged, [[start, end, [[x1, y1, x2, y2, score], ...]], ...], for training withou
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -51,6 +52,7 @@ import os
 import re
 import sys
 import tarfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -966,9 +968,41 @@ class BuildProgress:
 _worker: dict[str, Any] = {}
 
 
+def end_with_parent(parent: int, poll_seconds: float = 1.0) -> None:
+    """Make this worker process end when `parent` (the build process that started it) ends, however it ends.
+
+    A pool's workers otherwise outlive a parent killed by SIGKILL (or dying without cleanup): they wait on the
+    task queue forever. On Linux the kernel sends SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG); on
+    every system a daemon thread also checks os.getppid() every `poll_seconds` and ends the process when it
+    has been re-parented. A parent that died before this ran is noticed at once.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_seconds)
+            if os.getppid() != parent:
+                os._exit(1)  # no cleanup: the parent, which owns the output, is gone
+
+    threading.Thread(target=watch, name="grit-build-parent-watch", daemon=True).start()
+
+
 def _init_worker(
-    settings: BuildSettings, detector_factory: Callable[[], Detector] | None, threads: int
+    settings: BuildSettings,
+    detector_factory: Callable[[], Detector] | None,
+    threads: int,
+    parent: int | None = None,
 ) -> None:
+    if parent is not None:
+        end_with_parent(parent)
     if threads and settings.detector != "precomputed":
         import torch
 
@@ -1016,7 +1050,7 @@ def build(
             context = multiprocessing.get_context("spawn")
             threads = max(1, (os.cpu_count() or 1) // settings.workers)
             with ProcessPoolExecutor(
-                settings.workers, context, _init_worker, (settings, detector_factory, threads)
+                settings.workers, context, _init_worker, (settings, detector_factory, threads, os.getpid())
             ) as pool:
                 queue = iter(pending)
                 running = set()
