@@ -541,6 +541,49 @@ def test_workers_end_with_their_killed_parent(tmp_path, how):
     assert summary.shards_skipped == len(done) and summary.shards_run == 45 - len(done)
 
 
+_WATCHING_CHILD = """
+import os, sys, time
+sys.path[:0] = [{repo!r}]
+sys.platform = "other"  # no prctl: the os.getppid() poll alone must notice the parent's death
+from kosmos2.data.grit import end_with_parent
+end_with_parent(int(sys.argv[1]), poll_seconds=0.1)
+print("watching", flush=True)
+time.sleep(60)
+"""
+_PARENT = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(__import__("os").getpid())],
+                         stdout=subprocess.PIPE, text=True)
+assert child.stdout.readline() == "watching\\n"
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
+def test_parent_poll_ends_a_worker_without_prctl():
+    child_script = _WATCHING_CHILD.format(repo=str(REPO))
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PARENT, child_script],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        child = int(parent.stdout.readline())
+        assert _alive(child)
+        parent.kill()
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child), "the child outlived its parent"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=30)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The Ray engine, the CLI, a model detector in the pipeline
 
