@@ -140,7 +140,14 @@ def test_captioning_scores_the_words_after_the_prompt(data) -> None:
         ("CIDEr",),
     )
     assert result["results"]["scores"] == expected["scores"]
-    assert fake.calls[0][2] == {"num_beams": 5}
+    # the protocol's decoding, every option explicit (beam 5 for captions, no-repeat-ngram 3; SPEC §1, §8)
+    assert fake.calls[0][2] == {
+        "max_new_tokens": 64,
+        "num_beams": 5,
+        "do_sample": False,
+        "no_repeat_ngram_size": 3,
+        "length_penalty": 1.0,
+    }
 
 
 def test_mismatched_files_are_reported(data, tmp_path) -> None:
