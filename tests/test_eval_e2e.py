@@ -229,9 +229,7 @@ def test_decoding_is_the_protocols_whatever_the_checkpoint_says(tmp_path, checkp
     greedy = predictor.ground(images_, prompts, **{**PROTOCOL, "max_new_tokens": 24})
     assert [r["text"] for r in records] == [g.text for g in greedy]
     # the check can fail: without the pinning, the checkpoint's settings give other text
-    unblocked = predictor.ground(
-        images_, prompts, max_new_tokens=24, do_sample=False, no_repeat_ngram_size=0
-    )
+    unblocked = predictor.ground(images_, prompts, max_new_tokens=24, do_sample=False, no_repeat_ngram_size=0)
     assert [g.text for g in greedy] != [u.text for u in unblocked]
 
     # an explicit change is used, recorded and named in the report; the protocol's run stays cached apart
