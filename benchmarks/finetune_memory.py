@@ -39,8 +39,9 @@ def run_setting(setting: str, steps: int, batch: int, text: int, threads: int) -
     import torch
 
     from kosmos2.config import Kosmos2Config
-    from kosmos2.finetune_draft.lora import add_lora, enable_gradient_checkpointing, freeze
     from kosmos2.model import Kosmos2
+    from kosmos2.train.loop import freeze, set_gradient_checkpointing
+    from kosmos2.train.lora import add_lora
 
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
@@ -52,9 +53,9 @@ def run_setting(setting: str, steps: int, batch: int, text: int, threads: int) -
         peft_model = add_lora(model, rank=16, alpha=32, parts=("text", "connector"))
         model = peft_model.base_model.model
         if setting == "lora+checkpointing":
-            enable_gradient_checkpointing(model)
+            set_gradient_checkpointing(model, True)
     elif setting == "full-frozen-vision":
-        freeze(model, vision=True)
+        freeze(model, ["vision_model"])
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
@@ -124,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"moments), {available_bytes() / 2**30:.1f} GiB available"
             )
             continue
-        cmd = [sys.executable, __file__, "--child", setting, "--steps", str(args.steps), "--batch", str(args.batch)]
-        cmd += ["--text", str(args.text), "--threads", str(args.threads)]
+        cmd = [sys.executable, __file__, "--child", setting, "--steps", str(args.steps)]
+        cmd += ["--batch", str(args.batch), "--text", str(args.text), "--threads", str(args.threads)]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode != 0:

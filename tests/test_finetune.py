@@ -14,10 +14,10 @@ from PIL import Image
 
 from kosmos2.checkpoint import load_pretrained
 from kosmos2.data.sources import Report, Sample
-from kosmos2.finetune_draft.collate import Collator, UnknownWordsError, check_vocabulary, unknown_words
-from kosmos2.finetune_draft.finetune import FinetuneConfig, finetune
 from kosmos2.predictor import Predictor, default_model_dir
 from kosmos2.tokenizer import Kosmos2Tokenizer
+from kosmos2.train.collate import Collator, UnknownWordsError, check_vocabulary, unknown_words
+from kosmos2.train.finetune import FinetuneConfig, finetune
 
 
 def _png(path: Path, boxes: list[tuple[list[int], tuple[int, int, int]]]) -> Path:
@@ -66,24 +66,24 @@ def test_collate_learns_only_the_target_and_pads_right(kosmos2_tokenizer_dir, co
     rec = Sample(image, "<grounding><phrase>the dog</phrase>", target, "rec", "r", image)
     caption = Sample(image, "<grounding>An image of", "a dog", "caption", "g", image)
     batch = Collator(tok, image_size=28)([rec, caption])
-    assert batch.pixel_values.shape == (2, 3, 28, 28)
+    assert batch["pixel_values"].shape == (2, 3, 28, 28)
     # row 0: the target is 4 added tokens, looked up by name, then </s>
     learned = [
         tok.token_to_id(t) for t in ("<object>", "<patch_index_0000>", "<patch_index_0231>", "</object>")
     ]
     learned.append(tok.eos_id)
-    ids, targets = batch.input_ids[0], batch.targets[0]
+    ids, targets = batch["input_ids"][0], batch["targets"][0]
     n = int((ids != tok.pad_id).sum())
     prompt_end = n - 5  # the last prompt token predicts the first target token
     assert targets[prompt_end - 1 : n - 1].tolist() == learned
     assert (targets[: prompt_end - 1] == -100).all() and (targets[n - 1 :] == -100).all()
-    assert ids[:2].tolist() == [tok.bos_id, tok.image_start_id] and batch.image_mask[0].sum() == 64
+    assert ids[:2].tolist() == [tok.bos_id, tok.image_start_id] and batch["image_mask"][0].sum() == 64
     # row 1: the target "a dog" + </s>; the shorter row is padded on the right with <pad>, no loss there
     target_ids = tok.encode("a dog") + [tok.eos_id]
-    n1 = int((batch.input_ids[1] != tok.pad_id).sum())
-    assert batch.targets[1][n1 - len(target_ids) - 1 : n1 - 1].tolist() == target_ids
-    assert (batch.input_ids[1][n1:] == tok.pad_id).all() and (batch.targets[1][n1 - 1 :] == -100).all()
-    assert batch.loss_tokens == 5 + len(target_ids)
+    n1 = int((batch["input_ids"][1] != tok.pad_id).sum())
+    assert batch["targets"][1][n1 - len(target_ids) - 1 : n1 - 1].tolist() == target_ids
+    assert (batch["input_ids"][1][n1:] == tok.pad_id).all() and (batch["targets"][1][n1 - 1 :] == -100).all()
+    assert int((batch["targets"] != -100).sum()) == 5 + len(target_ids)
 
 
 def test_collate_drops_and_reports_unusable_samples(kosmos2_tokenizer_dir, coco_dir):
@@ -94,7 +94,7 @@ def test_collate_drops_and_reports_unusable_samples(kosmos2_tokenizer_dir, coco_
     broken = Sample(b"not an image", "<grounding>", "a dog", "text", "file.jsonl line 2", "x")
     long = Sample(image, "<grounding>", "dog " * 600, "text", "file.jsonl line 3", image)
     batch = Collator(tok, 28, max_length=512, report=report)([good, broken, long])
-    assert batch.input_ids.shape[0] == 1
+    assert batch["input_ids"].shape[0] == 1
     assert [i["file"] for i in report.items] == ["file.jsonl line 2", "file.jsonl line 3"]
     assert (
         "image cannot be used" in report.items[0]["reason"]
@@ -121,83 +121,87 @@ def test_words_the_default_model_cannot_encode_are_named_before_training():
 # kosmos2 finetune end to end
 
 
-def _cfg(checkpoint: Path, data: str, out: Path, **kw) -> FinetuneConfig:
-    base = dict(model=str(checkpoint), data=[data], out=str(out), holdout=0.25, steps=4, batch_size=4)
-    base.update(eval_every=2, eval_limit=2, save_every=2, threads=1, progress=False, lr=1e-3, warmup=1)
+def _cfg(checkpoint: Path, data: str, **kw) -> FinetuneConfig:
+    base = dict(model=str(checkpoint), data=(data,), holdout=0.25, steps=4, batch_size=4, eval_every=2)
+    base.update(eval_limit=2, checkpoint_every=2, log_every=1, lr=1e-3, warmup_steps=1)
     return FinetuneConfig(**{**base, **kw})
 
 
-def _state(out: Path) -> dict[str, torch.Tensor]:
-    return torch.load(out / "train_state.pt", weights_only=False)["params"]
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "checkpoint.pt", weights_only=True)["model"]
 
 
 def test_finetune_writes_the_hf_layout_logs_and_resumes_exactly(tiny_checkpoint_dir, coco_dir, tmp_path):
-    result = finetune(_cfg(tiny_checkpoint_dir, _spec(coco_dir), tmp_path / "a"))
+    torch.set_num_threads(1)
     out = tmp_path / "a"
+    result = finetune(_cfg(tiny_checkpoint_dir, _spec(coco_dir)), out, progress=False)
     for name in (
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
+        "recipe.json",
+        "checkpoint.pt",
         "log.jsonl",
         "eval.json",
-        "finetune.json",
+        "model/config.json",
+        "best/config.json",
     ):
         assert (out / name).is_file(), name
+    for folder in ("model", "best"):
+        assert {"model.safetensors", "tokenizer.json", "generation_config.json"} <= {
+            p.name for p in (out / folder).iterdir()
+        }
     events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4]
-    evals = [e for e in events if e["event"] == "eval"]
-    assert [e["step"] for e in evals] == [2, 4] and all("rec_acc" in e and "caption" in e for e in evals)
-    assert result["best"]["step"] in (2, 4)
-    predictor = Predictor.from_pretrained(out)  # the output loads unchanged
+    assert [e["step"] for e in events if "loss" in e] == [1, 2, 3, 4]
+    evals = [e for e in events if "eval" in e]
+    assert [e["step"] for e in evals] == [2, 4]
+    assert all({"rec_acc", "caption_precision", "caption_recall", "score"} <= set(e["eval"]) for e in evals)
+    assert result["best"]["step"] in (2, 4) and result["last"]["step"] == 4
+    predictor = Predictor.from_pretrained(out / "best")  # the output loads unchanged
     assert predictor.tokenizer.vocab_size == Kosmos2Tokenizer.from_pretrained(tiny_checkpoint_dir).vocab_size
 
-    # killed after step 2 (its state saved at step 2), then the same command again: equals the straight run
-    finetune(_cfg(tiny_checkpoint_dir, _spec(coco_dir), tmp_path / "b", steps=2))
-    finetune(_cfg(tiny_checkpoint_dir, _spec(coco_dir), tmp_path / "b"))
-    straight, resumed = _state(tmp_path / "a"), _state(tmp_path / "b")
+    # killed after step 2 (its checkpoint written), then the same command again: equals the straight run
+    finetune(_cfg(tiny_checkpoint_dir, _spec(coco_dir)), tmp_path / "b", progress=False, stop_after=2)
+    assert not (tmp_path / "b" / "model").exists()
+    finetune(_cfg(tiny_checkpoint_dir, _spec(coco_dir)), tmp_path / "b", progress=False)
+    straight, resumed = _weights(out), _weights(tmp_path / "b")
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.allclose(straight[name], resumed[name], atol=1e-6), name
-    with pytest.raises(ValueError, match="different settings \\(lr\\)"):
-        finetune(_cfg(tiny_checkpoint_dir, _spec(coco_dir), tmp_path / "b", lr=5e-4))
+    with pytest.raises(ValueError, match="differs in \\['lr'\\]"):
+        finetune(_cfg(tiny_checkpoint_dir, _spec(coco_dir), lr=5e-4), tmp_path / "b", progress=False)
 
 
 def test_frozen_vision_and_connector_stay_as_they_were(tiny_checkpoint_dir, coco_dir, tmp_path):
-    options = dict(
-        steps=2, eval_every=100, freeze_vision=True, freeze_connector=True, grad_accum=2, holdout=0.0
+    frozen = ("vision_model", "image_to_text_projection")
+    cfg = _cfg(
+        tiny_checkpoint_dir, _spec(coco_dir), steps=2, eval_every=0, freeze=frozen, grad_accum=2, holdout=0.0
     )
-    cfg = _cfg(tiny_checkpoint_dir, _spec(coco_dir), tmp_path / "f", **options)
-    finetune(cfg)
-    before, after = (
-        load_pretrained(tiny_checkpoint_dir).state_dict(),
-        load_pretrained(tmp_path / "f").state_dict(),
-    )
-    frozen = [n for n in before if n.startswith(("vision_model.", "image_to_text_projection."))]
-    assert frozen and all(torch.equal(before[n], after[n]) for n in frozen)
-    assert not torch.equal(
-        before["text_model.model.layers.0.ffn.fc1.weight"], after["text_model.model.layers.0.ffn.fc1.weight"]
-    )
+    finetune(cfg, tmp_path / "f", progress=False)
+    before = load_pretrained(tiny_checkpoint_dir).state_dict()
+    after = load_pretrained(tmp_path / "f" / "model").state_dict()
+    names = [n for n in before if n.startswith(frozen)]
+    assert names and all(torch.equal(before[n], after[n]) for n in names)
+    name = "text_model.model.layers.0.ffn.fc1.weight"
+    assert not torch.equal(before[name], after[name])
 
 
 def test_lora_run_merges_by_default_and_saves_the_adapter_on_request(tiny_checkpoint_dir, coco_dir, tmp_path):
-    common = dict(steps=2, eval_every=100, holdout=0.0, lora=True, lora_rank=4, lora_alpha=8, lr=1e-2,
-                  freeze_vision=True)  # fmt: skip
-    finetune(_cfg(tiny_checkpoint_dir, _spec(coco_dir), tmp_path / "merged", **common))
-    before, after = (
-        load_pretrained(tiny_checkpoint_dir).state_dict(),
-        load_pretrained(tmp_path / "merged").state_dict(),
-    )
+    common = dict(steps=2, eval_every=0, holdout=0.0, lora=True, lora_rank=4, lora_alpha=8, lr=1e-2)
+    common["freeze"] = ("vision_model",)
+    finetune(_cfg(tiny_checkpoint_dir, _spec(coco_dir), **common), tmp_path / "merged", progress=False)
+    before = load_pretrained(tiny_checkpoint_dir).state_dict()
+    after = load_pretrained(tmp_path / "merged" / "model").state_dict()
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     # LoRA on the attention projections of the decoder and the connector (vision frozen): only those weights
-    assert changed and all(n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "out_proj.weight"))
-                           for n in changed)  # fmt: skip
+    projections = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "out_proj.weight")
+    assert changed and all(n.endswith(projections) for n in changed)
+    assert any(n.startswith("image_to_text_projection.") for n in changed)
     assert not any(n.startswith("vision_model.") for n in changed)
 
-    finetune(_cfg(tiny_checkpoint_dir, _spec(coco_dir), tmp_path / "adapter", save_adapter=True, **common))
-    files = {p.name for p in (tmp_path / "adapter").iterdir()}
+    cfg = _cfg(tiny_checkpoint_dir, _spec(coco_dir), save_adapter=True, **common)
+    finetune(cfg, tmp_path / "adapter", progress=False)
+    files = {p.name for p in (tmp_path / "adapter" / "model").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
     assert "model.safetensors" not in files
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    config = json.loads((tmp_path / "adapter" / "model" / "adapter_config.json").read_text())
     assert config["r"] == 4 and "vision_model" not in config["target_modules"]
 
 

@@ -19,9 +19,9 @@ from _model_fixtures import (
 )
 
 from kosmos2.checkpoint import load_pretrained
-from kosmos2.finetune_draft.lora import (
+from kosmos2.train.loop import set_gradient_checkpointing
+from kosmos2.train.lora import (
     add_lora,
-    enable_gradient_checkpointing,
     load_adapter,
     merged_state_dict,
     save_adapter,
@@ -142,7 +142,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
         model = add_lora(load_pretrained(base), rank=2, alpha=4)
         _randomize_lora(model, seed=9)
         if checkpointing:
-            enable_gradient_checkpointing(model.base_model.model)
+            set_gradient_checkpointing(model.base_model.model, True)  # the decoder's and the ViT's switch
         model.train()
         torch.manual_seed(0)  # the same dropout masks; checkpointing replays them in the recomputation
         _, loss = model.base_model.model(ids, pixel_values=pixels, image_mask=mask, targets=targets)

@@ -31,9 +31,9 @@ from PIL import Image
 from kosmos2.data import grit_reader
 from kosmos2.data.sources import (
     Report,
+    draw,
     held_out,
     load_sources,
-    mixture,
     parse_spec,
     position_word,
 )
@@ -336,16 +336,17 @@ def test_parse_spec_kinds_options_weights(tmp_path):
             parse_spec(bad)
 
 
-def test_mixture_follows_weights_and_resumes():
+def test_draw_follows_weights_and_is_a_pure_function_of_the_index():
     a, b = [f"a{i}" for i in range(10)], [f"b{i}" for i in range(3)]
-    draws = [x for _, x in zip(range(4000), mixture([a, b], [3, 1], seed=1), strict=False)]
+    draws = [draw([a, b], [3, 1], 1, i) for i in range(4000)]
     share = sum(x.startswith("a") for x in draws) / len(draws)
     assert 0.72 < share < 0.78  # 3:1
-    from_a = [x for x in draws if x.startswith("a")]
-    assert sorted(from_a[:10]) == sorted(a) and sorted(from_a[10:20]) == sorted(a)  # each pass: all, once
-    assert from_a[:10] != from_a[10:20]  # reshuffled per pass
-    resumed = [x for _, x in zip(range(100), mixture([a, b], [3, 1], seed=1, start=500), strict=False)]
-    assert resumed == draws[500:600]
+    assert [draw([a, b], [3, 1], 1, i) for i in range(500, 600)] == draws[500:600]  # resumable anywhere
+    single = [draw([a], [1], 1, i) for i in range(30)]
+    assert sorted(single[:10]) == sorted(a) and sorted(single[10:20]) == sorted(a)  # each pass: all, once
+    assert single[:10] != single[10:20]  # reshuffled per pass
+    with pytest.raises(ValueError, match="no training samples"):
+        draw([[], []], [1, 1], 0, 0)
 
 
 def test_held_out_split_is_by_image_and_stable(tmp_path):

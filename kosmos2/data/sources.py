@@ -35,6 +35,7 @@ is the source's share of the mixture's draws. Paths may not contain "," or ":" f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -872,32 +873,25 @@ def load_sources(
     return Dataset(train, heldout, list(sources), report)
 
 
-def mixture(
-    per_source: Sequence[Sequence[Sample]], weights: Sequence[float], seed: int = 0, start: int = 0
-) -> Iterator[Sample]:
-    """An endless stream of samples: each draw picks a source with probability proportional to its weight,
-    then its next sample in an order reshuffled every pass. Deterministic in (seed, data): `start` skips the
-    first `start` draws, so a resumed run continues the stream it was on."""
-    weights = [w if len(p) else 0.0 for p, w in zip(per_source, weights, strict=True)]
-    if not any(weights):
+def draw(per_source: Sequence[Sequence[Sample]], weights: Sequence[float], seed: int, index: int) -> Sample:
+    """The `index`-th sample of the run's endless stream, a pure function of its arguments (so a resumed or
+    multi-process run draws the same samples): a source picked with probability proportional to its
+    weight (seeded by the index), then that source's sample at position `index` of its order, reshuffled
+    every pass. With one source the stream visits every sample once per pass."""
+    live = [w if len(p) else 0.0 for p, w in zip(per_source, weights, strict=True)]
+    if not any(live):
         raise ValueError("no training samples to draw from (everything was held out or bad)")
-    rng = random.Random(seed)
-    orders: list[list[int]] = [[] for _ in per_source]
-    passes = [0] * len(per_source)
-    cursor = [0] * len(per_source)
-    drawn = 0
-    while True:
-        k = rng.choices(range(len(per_source)), weights)[0] if len(per_source) > 1 else 0
-        if cursor[k] >= len(orders[k]):
-            orders[k] = list(range(len(per_source[k])))
-            random.Random(f"{seed}:{k}:{passes[k]}").shuffle(orders[k])
-            passes[k] += 1
-            cursor[k] = 0
-        index = orders[k][cursor[k]]
-        cursor[k] += 1
-        drawn += 1
-        if drawn > start:
-            yield per_source[k][index]
+    k = random.Random(f"{seed}:source:{index}").choices(range(len(live)), live)[0] if len(live) > 1 else 0
+    n = len(per_source[k])
+    epoch, position = divmod(index, n)
+    return per_source[k][_order(seed, k, epoch, n)[position]]
+
+
+@functools.lru_cache(maxsize=16)
+def _order(seed: int, source: int, epoch: int, n: int) -> list[int]:
+    order = list(range(n))
+    random.Random(f"{seed}:{source}:{epoch}").shuffle(order)
+    return order
 
 
 def words_of(samples: Iterable[Sample]) -> set[str]:

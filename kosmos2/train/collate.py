@@ -5,6 +5,8 @@
     ──right padding──► input_ids [B, T], image_mask [B, T], targets [B, T] (shifted; -100 = no loss)
     image ──load_image (path or bytes)──► [centre crop] ──preprocess (model size)──► pixel_values [B, 3, S, S]
 
+The batch is the dict `kosmos2.train.loss.causal_lm_loss` takes (the general loop's plain next-token loss).
+
 Words the tokenizer cannot encode are found before training (`unknown_words`): the run stops with an error
 naming them (we do not grow the vocabulary: a resized embedding row starts untrained, and the checkpoint's
 tokenizer would no longer match its other copies). A sample that still yields `<unk>` at collation, an image
@@ -16,33 +18,12 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from kosmos2.data.sources import Report, Sample, words_of
 from kosmos2.tokenizer import IGNORE_INDEX, Kosmos2Tokenizer
-
-
-@dataclass
-class Batch:
-    """input_ids, image_mask, targets [B, T] (right-padded); pixel_values [B, 3, S, S]; loss_tokens: how many
-    targets are not -100."""
-
-    input_ids: torch.Tensor
-    image_mask: torch.Tensor
-    targets: torch.Tensor
-    pixel_values: torch.Tensor
-    loss_tokens: int
-
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(
-            self.input_ids.to(device),
-            self.image_mask.to(device),
-            self.targets.to(device),
-            self.pixel_values.to(device),
-            self.loss_tokens,
-        )
+from kosmos2.train.loss import next_token_targets
 
 
 class UnknownWordsError(ValueError):
@@ -81,7 +62,7 @@ def _image(sample: Sample):
 
 
 class Collator:
-    """Turns a list of Samples into a Batch for one model; drops (and reports) samples it cannot use."""
+    """Turns a list of Samples into a batch for one model; drops (and reports) samples it cannot use."""
 
     def __init__(
         self,
@@ -112,10 +93,11 @@ class Collator:
             )
             return None
         # loss on the target and </s> only (learn_prompt=False); targets[t] is the token after t
-        targets = [i if learn else IGNORE_INDEX for i, learn in zip(ids[1:], loss_mask[1:], strict=True)]
-        return ids, image_mask, targets + [IGNORE_INDEX]
+        return ids, image_mask, next_token_targets(ids, loss_mask)
 
-    def __call__(self, samples: Sequence[Sample]) -> Batch | None:
+    def __call__(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor] | None:
+        """The batch of the usable samples: input_ids, image_mask, targets [B, T] (right padded) and
+        pixel_values [B, 3, S, S]; None when none is usable."""
         from kosmos2.image import ImageError, preprocess
 
         rows, images = [], []
@@ -142,4 +124,9 @@ class Collator:
             image_mask[b, : len(ids)] = torch.tensor(mask)
             targets[b, : len(ids)] = torch.tensor(tgt)
         pixel_values = preprocess(images, size=self.image_size)
-        return Batch(input_ids, image_mask, targets, pixel_values, int((targets != IGNORE_INDEX).sum()))
+        return {
+            "input_ids": input_ids,
+            "image_mask": image_mask,
+            "targets": targets,
+            "pixel_values": pixel_values,
+        }

@@ -1,4 +1,4 @@
-"""LoRA through peft, freezing, gradient checkpointing, and merged weights for the Hugging Face layout.
+"""LoRA through peft, and merged weights for the Hugging Face layout.
 
 Our module names equal transformers' (`text_model.model.layers.3.self_attn.q_proj`,
 `vision_model.model.encoder.layers.0.mlp.fc1`, `image_to_text_projection.x_attn.v_proj`), so an adapter
@@ -10,7 +10,6 @@ names, so the same config picks the same layers in both.
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
@@ -28,14 +27,6 @@ def target_regex(parts: tuple[str, ...] = ("text", "vision", "connector"), mlp: 
     prefixes = "|".join(PARTS[p] for p in parts)
     layers = "|".join(ATTENTION + (MLP if mlp else ()))
     return rf"({prefixes})\..*\.({layers})"
-
-
-def freeze(model: nn.Module, vision: bool = False, connector: bool = False) -> None:
-    """Stop gradients into the vision encoder and/or the connector (the released training code freezes the
-    vision encoder, SPEC §10)."""
-    for flag, module in ((vision, model.vision_model), (connector, model.image_to_text_projection)):
-        if flag:
-            module.requires_grad_(False)
 
 
 def add_lora(
@@ -92,20 +83,3 @@ def save_adapter(peft_model, directory: str | os.PathLike, base_model_path: str 
     peft_model.peft_config["default"].base_model_name_or_path = base_model_path or None
     peft_model.save_pretrained(str(directory))
     return Path(directory)
-
-
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Recompute each decoder and vision block in the backward pass instead of keeping its activations.
-
-    The decoder has its own switch (`TextTransformer.gradient_checkpointing`); each vision block's `forward`
-    is wrapped on the instance, so parameter names (and peft's wrappers) stay as they are. Non-reentrant
-    `torch.utils.checkpoint` handles frozen inputs and LoRA."""
-    from torch.utils.checkpoint import checkpoint
-
-    def run(forward, *args, **kwargs):
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    model.text_model.model.gradient_checkpointing = True
-    for block in model.vision_model.model.encoder.layers:
-        if not isinstance(block.forward, functools.partial):
-            block.forward = functools.partial(run, block.forward)

@@ -1,1 +1,0 @@
-"""Draft home of `kosmos2 finetune` until the training package (kosmos2/train/) lands."""
