@@ -2,8 +2,11 @@
 weights) on the CPU: full fine-tuning, LoRA, and LoRA with gradient checkpointing.
 
     python benchmarks/finetune_memory.py [--steps 2] [--batch 1] [--text 32] [--threads 2] [--settings ...]
+                                         [--dtype float32|bfloat16]
 
-Each setting runs in its own process (peak RSS is per process: ru_maxrss), builds the model in float32,
+Each setting runs in its own process (peak RSS is per process: ru_maxrss), builds the model in `--dtype`
+(bfloat16: the frozen base weights in bf16 under bf16 autocast, the trained LoRA matrices float32, as peft
+keeps them),
 takes `--steps` AdamW steps on a batch of `--batch` rows (`<s><image>` + 64 slots + `</image>` + `--text`
 tokens, loss on the text), and reports the peak RSS and the mean seconds of the steps after the first.
 
@@ -24,6 +27,7 @@ import subprocess
 import sys
 import time
 
+PRESET = "kosmos-2-patch14-224"
 SETTINGS = ("full", "full-frozen-vision", "lora", "lora+checkpointing")
 
 
@@ -35,7 +39,15 @@ def available_bytes() -> int:
     return 0
 
 
-def run_setting(setting: str, steps: int, batch: int, text: int, threads: int) -> dict:
+def run_setting(
+    setting: str,
+    steps: int,
+    batch: int,
+    text: int,
+    threads: int,
+    dtype: str = "float32",
+    preset: str = PRESET,
+) -> dict:
     import torch
 
     from kosmos2.config import Kosmos2Config
@@ -46,8 +58,8 @@ def run_setting(setting: str, steps: int, batch: int, text: int, threads: int) -
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
-    config = Kosmos2Config.from_preset("kosmos-2-patch14-224")
-    model = Kosmos2(config)
+    config = Kosmos2Config.from_preset(preset)
+    model = Kosmos2(config).to(getattr(torch, dtype))
     total = sum(p.numel() for p in model.parameters())
     if setting.startswith("lora"):
         peft_model = add_lora(model, rank=16, alpha=32, parts=("text", "connector"))
@@ -78,7 +90,8 @@ def run_setting(setting: str, steps: int, batch: int, text: int, threads: int) -
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        _, loss = model(ids, pixel_values=pixels, image_mask=image_mask, targets=targets)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            _, loss = model(ids, pixel_values=pixels, image_mask=image_mask, targets=targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -86,6 +99,7 @@ def run_setting(setting: str, steps: int, batch: int, text: int, threads: int) -
     assert V > 0
     return {
         "setting": setting,
+        "dtype": dtype,
         "parameters": total,
         "trainable": n_train,
         "batch": batch,
@@ -96,11 +110,12 @@ def run_setting(setting: str, steps: int, batch: int, text: int, threads: int) -
     }
 
 
-def estimate_bytes(setting: str) -> int:
-    """A lower bound from the parameter count: weights 4 B each, + 12 B per trained one (grad, 2 moments)."""
+def estimate_bytes(setting: str, dtype: str = "float32") -> int:
+    """A lower bound from the parameter count: each weight in `dtype`, + 12 B per trained one (its float32
+    gradient and two AdamW moments; LoRA's few million are left out)."""
     total, vision = 1_664_485_376, 303_179_776
     trained = {"full": total, "full-frozen-vision": total - vision}.get(setting, 0)
-    return 4 * total + 12 * trained
+    return (2 if dtype == "bfloat16" else 4) * total + 12 * trained
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,16 +125,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--preset", default=PRESET, help="a config preset (tiny: check the script quickly)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(run_setting(args.child, args.steps, args.batch, args.text, args.threads)))
+        print(
+            json.dumps(
+                run_setting(
+                    args.child, args.steps, args.batch, args.text, args.threads, args.dtype, args.preset
+                )
+            )
+        )
         return 0
     with open("/proc/loadavg") as f:
         print(f"load average {f.read().split()[:3]}, MemAvailable {available_bytes() / 2**30:.1f} GiB")
     for setting in args.settings:
-        need = estimate_bytes(setting)
-        if need > available_bytes():
+        need = estimate_bytes(setting, args.dtype)
+        if need > available_bytes() and args.preset == PRESET:
             print(
                 f"{setting:>20}: skipped, needs at least {need / 2**30:.1f} GiB (weights, gradients, AdamW "
                 f"moments), {available_bytes() / 2**30:.1f} GiB available"
@@ -127,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         cmd = [sys.executable, __file__, "--child", setting, "--steps", str(args.steps)]
         cmd += ["--batch", str(args.batch), "--text", str(args.text), "--threads", str(args.threads)]
+        cmd += ["--dtype", args.dtype, "--preset", args.preset]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode != 0:
@@ -136,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         r = json.loads(done.stdout.strip().splitlines()[-1])
         print(
             f"{setting:>20}: peak RSS {r['peak_rss_gib']:.1f} GiB, {r['seconds_per_step']:.1f} s/step "
-            f"(first {r['first_step_seconds']:.1f} s), trainable {r['trainable'] / 1e6:.1f} M of "
-            f"{r['parameters'] / 1e9:.2f} B, batch {r['batch']} x {r['tokens_per_row']} tokens"
+            f"(first {r['first_step_seconds']:.1f} s), trainable {r['trainable'] / 1e6:.2f} M of "
+            f"{r['parameters'] / 1e9:.2f} B, batch {r['batch']} x {r['tokens_per_row']} tokens, {r['dtype']}"
         )
     return 0
 
