@@ -216,3 +216,32 @@ def test_cli_reports_unknown_words_in_one_line(tmp_path, capsys):
                  "--out", str(tmp_path / "out"), "--steps", "1", "--holdout", "0"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "cannot encode 1 word(s) of the data: 'checkbox'" in err and "Traceback" not in err
+
+
+def test_cli_finetune_lora_run_and_eval_only(tiny_checkpoint_dir, coco_dir, tmp_path, capsys):
+    from kosmos2.cli import main
+
+    out = tmp_path / "run"
+    args = ["finetune", "--model", str(tiny_checkpoint_dir), "--data", _spec(coco_dir), "--out", str(out)]
+    args += [
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--eval-every",
+        "2",
+        "--eval-limit",
+        "2",
+        "--holdout",
+        "0.25",
+    ]
+    args += ["--lora", "--lora-rank", "2", "--freeze-vision", "--set", "log_every=1", "--no-progress"]
+    assert main(args) == 0
+    assert f"wrote {out / 'best'}" in capsys.readouterr().out
+    saved = json.loads((out / "recipe.json").read_text())
+    assert saved["lora"] and saved["freeze"] == ["vision_model"] and saved["lora_rank"] == 2
+    code = main(
+        ["finetune", "--eval-only", "--model", str(out / "best"), "--data", _spec(coco_dir)]
+        + ["--eval-limit", "2"]
+    )
+    assert code == 0 and "REC Acc@0.5" in capsys.readouterr().out
