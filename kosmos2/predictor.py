@@ -14,8 +14,9 @@ server, the demo and the evaluation all call this class.
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,15 @@ from typing import Any
 import torch
 
 from kosmos2 import grounding
-from kosmos2.generate import GenerationConfig, encode_images, generate, stream
+from kosmos2.generate import (
+    GenerationConfig,
+    encode_images,
+    generate,
+    location_candidates,
+    prefill,
+    stream,
+    token_logprobs,
+)
 from kosmos2.image import image_size, load_image, preprocess
 
 DEFAULT_MODEL_ENV = "KOSMOS2_MODEL"  # a checkpoint directory to use when none is given
@@ -32,6 +41,14 @@ DEFAULT_MODEL_ENV = "KOSMOS2_MODEL"  # a checkpoint directory to use when none i
 PROMPT_BRIEF = "<grounding>An image of"
 PROMPT_DETAILED = "<grounding>Describe this image in detail:"
 PROMPT_PLAIN = "An image of"
+
+# `locate`'s decisions (docs/TRUST.md): calibrated for the built-in default model on the synthetic world's
+# calibration split (kosmos2.eval.synthetic.calibrate_trust); other checkpoints should be recalibrated.
+FOUND_THRESHOLD = 0.5  # found when found_score >= this
+AMBIGUOUS_THRESHOLD = 0.5  # ambiguous when found and ambiguity_score >= this
+CANDIDATE_BEAMS = 16  # upper-left cells tried by the candidate search (at least 2 x candidates)
+CANDIDATE_IOU = 0.5  # candidates overlapping a better one this much are the same object
+ZOOM_MARGIN = 0.5  # crop margin on each side, as a fraction of the box's width / height
 
 
 def default_model_dir() -> Path:
@@ -61,6 +78,11 @@ class EntityResult:
     span: tuple[int, int]  # character span of the phrase in the result's caption
     boxes: list[grounding.Box]
     pixel_boxes: list[grounding.Box]
+    # per box: p(upper-left token) * p(lower-right token | upper-left), the model's probability of writing
+    # this box where it did; None for a box the prompt gave (docs/TRUST.md)
+    scores: list[float | None] = field(default_factory=list)
+    # exp(mean log p) of the phrase's tokens when the model wrote the phrase; None when the prompt did
+    phrase_score: float | None = None
 
 
 @dataclass
@@ -93,6 +115,89 @@ class GroundingResult:
         d.pop("token_ids")
         return d
 
+    def to_supervision(self) -> Any:
+        """The boxes as a `supervision.Detections`: xyxy in pixels of the original image, one row per box in
+        output order; class_id numbers the distinct phrases in order of first appearance and
+        data["class_name"] holds each row's phrase; confidence is the box's score (NaN where the prompt
+        gave the box). Needs `pip install 'kosmos2[detections]'`."""
+        try:
+            import supervision as sv
+        except ImportError as e:
+            raise ImportError(
+                "GroundingResult.to_supervision() needs the supervision package: "
+                "pip install 'kosmos2[detections]'"
+            ) from e
+        import numpy as np
+
+        rows = [
+            (e.phrase, box, e.scores[i] if i < len(e.scores) else None)
+            for e in self.entities
+            for i, box in enumerate(e.pixel_boxes)
+        ]
+        names = list(dict.fromkeys(phrase for phrase, _, _ in rows))
+        return sv.Detections(
+            xyxy=np.array([box for _, box, _ in rows], dtype=np.float32).reshape(-1, 4),
+            confidence=np.array([np.nan if c is None else c for _, _, c in rows], dtype=np.float32),
+            class_id=np.array([names.index(phrase) for phrase, _, _ in rows], dtype=int),
+            data={"class_name": np.array([phrase for phrase, _, _ in rows], dtype=str)},
+        )
+
+
+@dataclass
+class Candidate:
+    """A box `locate` could answer with: normalised and in pixels, with its score (see EntityResult)."""
+
+    box: grounding.Box
+    pixel_box: grounding.Box
+    score: float  # p(ul) * p(lr | ul) after `<object>`
+    logp_ul: float
+    logp_lr: float
+
+
+@dataclass
+class LocateResult(GroundingResult):
+    """A REC result (`Predictor.locate`): the greedy answer as before, plus what to trust about it.
+
+    found: the expression fits something in the image (found_score >= the predictor's found_threshold).
+    ambiguous: it was found and fits more than one object (ambiguity_score >= ambiguous_threshold): ask
+    the user which one, among `candidates`. candidates: distinct boxes (no two overlap with IoU >=
+    CANDIDATE_IOU), best first; the first is the greedy answer whenever greedy decoding wrote a valid box.
+    How the scores are computed: docs/TRUST.md.
+    """
+
+    expression: str = ""
+    found: bool | None = None
+    ambiguous: bool | None = None
+    found_score: float | None = None  # p(" yes") / (p(" yes") + p(" no")) to "Is there <expression>?"
+    ambiguity_score: float | None = None  # score of the second candidate / score of the first
+    candidates: list[Candidate] = field(default_factory=list)
+
+    @property
+    def box(self) -> grounding.Box | None:
+        """The answer's normalised box (the first box generated for the expression), None if none."""
+        boxes = self.boxes_for(self.expression)
+        return boxes[0] if boxes else None
+
+    @property
+    def pixel_box(self) -> grounding.Box | None:
+        box = self.box
+        return None if box is None else grounding.box_to_pixels(box, *self.image_size)
+
+
+@dataclass
+class ZoomResult:
+    """What `Predictor.zoom` found and what the task said about the crop.
+
+    located: the `locate` result on the whole image. crop_box: the crop in pixels of the original image
+    (None when nothing was found). crop: the cropped image. result: the task's output on the crop; a
+    GroundingResult's boxes are mapped back into the original image (`pixel_boxes`, `boxes`).
+    """
+
+    located: LocateResult
+    crop_box: grounding.Box | None
+    crop: Any
+    result: Any
+
 
 def _as_list(x: Any) -> tuple[list[Any], bool]:
     if isinstance(x, (list, tuple)) and not (
@@ -105,8 +210,20 @@ def _as_list(x: Any) -> tuple[list[Any], bool]:
 class Predictor:
     """A loaded model + tokenizer + decoding defaults; stateless between calls."""
 
-    def __init__(self, model, tokenizer, generation: GenerationConfig | None = None, batch_size: int = 8):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        generation: GenerationConfig | None = None,
+        batch_size: int = 8,
+        scores: bool = True,
+    ):
+        """scores: give every generated box and phrase a score (one teacher-forced pass per batch after
+        generation; `EntityResult.scores`). found_threshold / ambiguous_threshold: `locate`'s decisions."""
         self.model = model.eval()
+        self.scores = scores
+        self.found_threshold = FOUND_THRESHOLD
+        self.ambiguous_threshold = AMBIGUOUS_THRESHOLD
         self.tokenizer = tokenizer
         self.generation = generation or GenerationConfig(
             eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id
@@ -172,7 +289,9 @@ class Predictor:
     def _options(self, defaults: dict[str, Any], options: dict[str, Any]) -> GenerationConfig:
         return GenerationConfig.from_kwargs(self.generation, **{**defaults, **options})
 
-    def _result(self, prompt: str, new_ids: list[int], size: tuple[int, int]) -> GroundingResult:
+    def _result(
+        self, prompt: str, new_ids: list[int], size: tuple[int, int], logprobs: list[float] | None = None
+    ) -> GroundingResult:
         text = self.tokenizer.decode(new_ids)
         # parse prompt + continuation as one text: a prompt's <phrase> gets its box from the continuation
         prompt_ids = self.tokenizer.encode(prompt.strip())
@@ -182,7 +301,64 @@ class Predictor:
             EntityResult(e.phrase, e.span, e.boxes, [grounding.box_to_pixels(b, W, H) for b in e.boxes])
             for e in parsed.entities
         ]
+        if logprobs is not None:
+            prompt_boxes = sum(
+                len(e.boxes) for e in grounding.parse(self.tokenizer.decode(prompt_ids)).entities
+            )
+            self._attach_scores(entities, prompt_boxes, new_ids, logprobs)
         return GroundingResult(prompt, text, parsed.caption, entities, size, new_ids)
+
+    def _attach_scores(
+        self, entities: list[EntityResult], prompt_boxes: int, ids: list[int], logprobs: list[float]
+    ) -> None:
+        """Give each generated box its score and each generated phrase its phrase score.
+
+        The generated boxes are read off the token ids as `grounding.parse` reads them (two location tokens
+        between `<object>` / delimiter / `</object>`, corners in order) and matched in order to the parsed
+        entities' boxes after the `prompt_boxes` the prompt held.
+        """
+        tok = self.tokenizer
+        offset, cells = tok.patch_index_offset, self.grid * self.grid
+        tag = {name: tok.token_to_id(name) for name in grounding.TAG_TOKENS}
+        boxes: list[tuple[grounding.Box, float]] = []
+        phrases: list[tuple[str, float]] = []
+        group: list[int] | None = None
+        phrase_at: int | None = None
+        for i, t in enumerate(ids):
+            if t in (tag[grounding.OBJECT_START], tag[grounding.DELIMITER], tag[grounding.OBJECT_END]):
+                if group is not None and len(group) == 2:
+                    ul, lr = (ids[j] - offset for j in group)
+                    try:
+                        box = grounding.tokens_to_box(ul, lr, self.grid)
+                        boxes.append((box, math.exp(logprobs[group[0]] + logprobs[group[1]])))
+                    except ValueError:
+                        pass
+                group = [] if t != tag[grounding.OBJECT_END] else None
+            elif group is not None and offset <= t < offset + cells:
+                group.append(i)
+            elif group is not None:
+                group = None
+            if t == tag[grounding.PHRASE_START]:
+                phrase_at = i + 1
+            elif t == tag[grounding.PHRASE_END] and phrase_at is not None and i > phrase_at:
+                mean = sum(logprobs[phrase_at:i]) / (i - phrase_at)
+                phrases.append((tok.decode(ids[phrase_at:i]).strip(), math.exp(mean)))
+                phrase_at = None
+        k = seen = 0
+        for e in entities:
+            e.scores = []
+            for box in e.boxes:
+                score = None
+                if seen >= prompt_boxes and k < len(boxes) and boxes[k][0] == box:
+                    score = boxes[k][1]
+                    k += 1
+                e.scores.append(score)
+                seen += 1
+        k = 0
+        for e in entities:
+            if k < len(phrases) and phrases[k][0] == e.phrase:
+                e.phrase_score = phrases[k][1]
+                k += 1
 
     # -- the one entry point ------------------------------------------------------------------------------
 
@@ -197,7 +373,12 @@ class Predictor:
         return self._run(images, prompts, {}, options)
 
     def _run(
-        self, images: Any, prompts: Any, defaults: dict[str, Any], options: dict[str, Any]
+        self,
+        images: Any,
+        prompts: Any,
+        defaults: dict[str, Any],
+        options: dict[str, Any],
+        after: Callable[[list[GroundingResult], torch.Tensor, dict[str, torch.Tensor]], None] | None = None,
     ) -> GroundingResult | list[GroundingResult]:
         image_list, batched = _as_list(images)
         prompt_list, prompts_batched = (
@@ -226,7 +407,18 @@ class Predictor:
             new = generate(
                 self.model, batch["input_ids"], batch["attention_mask"], embeds, batch["image_mask"], cfg
             )
-            results += [self._result(p, n, s) for p, n, s in zip(chunk_prompts, new, sizes, strict=True)]
+            logprobs: list[Any] = [None] * len(new)
+            if self.scores:
+                logprobs = token_logprobs(
+                    self.model, batch["input_ids"], batch["attention_mask"], embeds, batch["image_mask"], new
+                )
+            chunk = [
+                self._result(p, n, s, lp)
+                for p, n, s, lp in zip(chunk_prompts, new, sizes, logprobs, strict=True)
+            ]
+            if after is not None:
+                after(chunk, embeds, batch)
+            results += chunk
         return results if batched else results[0]
 
     def _encode_unique(self, images: list[Any]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -281,16 +473,100 @@ class Predictor:
         prompt = PROMPT_DETAILED if detailed else PROMPT_BRIEF
         return self._run(images, prompt, {"max_new_tokens": 128} if detailed else {}, options)
 
-    def locate(self, images: Any, expressions: str | Sequence[str], **options: Any):
+    def locate(
+        self, images: Any, expressions: str | Sequence[str], candidates: int = 2, **options: Any
+    ) -> LocateResult | list[LocateResult]:
         """Referring expression comprehension: `<grounding><phrase>{expression}</phrase>`; the answer is the
-        first generated box (`result.boxes_for(expression)[0]`, or `result.entities[0]`)."""
+        first generated box (`result.box`, `result.boxes_for(expression)[0]`), greedy as before.
+
+        Each result also says whether to trust it (LocateResult): `found`, `ambiguous`, their scores, and up
+        to `candidates` distinct scored boxes (a search over the two location tokens after `<object>`:
+        the likeliest upper-left cells, each completed by its likeliest valid lower-right cell). Costs, per
+        batch, one pass to score the answer, one prefill + one step for the candidates and one prefill for
+        the found question. How each score is computed: docs/TRUST.md.
+        """
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+            raise ValueError(f"candidates must be a positive number of boxes, got {candidates!r}")
         exprs = [expressions] if isinstance(expressions, str) else list(expressions)
+        for e in exprs:
+            if not isinstance(e, str) or not e.strip():
+                raise ValueError(f"expressions must be non-empty strings, got {e!r}")
         prompts = [
             f"{grounding.GROUNDING}{grounding.PHRASE_START}{e.strip()}{grounding.PHRASE_END}" for e in exprs
         ]
+        beams = max(CANDIDATE_BEAMS, 4 * candidates)
+
+        def trust(chunk: list[GroundingResult], embeds: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+            tok = self.tokenizer
+            image_mask = batch["image_mask"]
+            object_logp, found = location_candidates(
+                self.model,
+                batch["input_ids"],
+                batch["attention_mask"],
+                embeds,
+                image_mask,
+                tok.token_to_id(grounding.OBJECT_START),
+                tok.patch_index_offset,
+                self.grid,
+                beams,
+            )
+            found_scores = self._exists(embeds, [_question_words(r.prompt) for r in chunk])
+            for i, r in enumerate(chunk):
+                W, H = r.image_size
+                distinct: list[Candidate] = []
+                for c in found[i]:
+                    box = grounding.tokens_to_box(c.ul, c.lr, self.grid)
+                    if all(grounding.iou(box, d.box) < CANDIDATE_IOU for d in distinct):
+                        distinct.append(
+                            Candidate(
+                                box,
+                                grounding.box_to_pixels(box, W, H),
+                                math.exp(c.logp),
+                                c.logp_ul,
+                                c.logp_lr,
+                            )
+                        )
+                ambiguity = distinct[1].score / distinct[0].score if len(distinct) > 1 else 0.0
+                is_found = found_scores[i] >= self.found_threshold
+                chunk[i] = LocateResult(
+                    **{f: getattr(r, f) for f in GroundingResult.__dataclass_fields__},
+                    expression=_question_words(r.prompt, article=False),
+                    found=is_found,
+                    ambiguous=is_found and ambiguity >= self.ambiguous_threshold,
+                    found_score=found_scores[i],
+                    ambiguity_score=ambiguity,
+                    candidates=distinct[:candidates],
+                )
+
         return self._run(
-            images, prompts[0] if isinstance(expressions, str) else prompts, {"max_new_tokens": 24}, options
+            images,
+            prompts[0] if isinstance(expressions, str) else prompts,
+            {"max_new_tokens": 24},
+            options,
+            after=trust,
         )
+
+    @torch.no_grad()
+    def _exists(self, embeds: torch.Tensor, things: list[str]) -> list[float]:
+        """p(" yes") / (p(" yes") + p(" no")) as the answer to `Question: Is there {thing}? Answer:`."""
+        tok = self.tokenizer
+        prompts = [f"Question: Is there {t}? Answer:" for t in things]
+        batch = {
+            k: v.to(self.device)
+            for k, v in tok.batch_encode(prompts, num_image_tokens=self.num_image_tokens).items()
+        }
+        logits, _ = prefill(
+            self.model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            embeds,
+            batch["image_mask"],
+            batch["input_ids"].shape[1] + 1,
+        )
+        self.model.clear_cache()
+        logp = torch.log_softmax(logits, dim=-1)
+        yes, no = tok.encode("yes")[0], tok.encode("no")[0]
+        return torch.sigmoid(logp[:, yes] - logp[:, no]).tolist()
 
     def ground_phrases(
         self, image: Any, caption: str, phrases: Sequence[str | tuple[int, int]], **options: Any
@@ -352,3 +628,19 @@ class Predictor:
             else (f"Question: {question.strip()} Answer:")
         )
         return self._run(images, prompt, {"max_new_tokens": 24}, options)
+
+
+def _question_words(prompt: str, article: bool = True) -> str:
+    """The expression of a REC prompt; with `article`, led by "a"/"an" in place of "the" ("the red
+    circle" -> "a red circle") for the found question."""
+    words = grounding.parse(prompt).caption.strip()
+    if not article:
+        return words
+    lower = words.lower()
+    for lead in ("the ", "a ", "an "):
+        if lower.startswith(lead):
+            words = words[len(lead) :]
+            break
+    else:
+        return words
+    return ("an " if words[:1].lower() in "aeiou" and words else "a ") + words
