@@ -78,8 +78,8 @@ class EntityResult:
     span: tuple[int, int]  # character span of the phrase in the result's caption
     boxes: list[grounding.Box]
     pixel_boxes: list[grounding.Box]
-    # per box: p(upper-left token) * p(lower-right token | upper-left), the model's probability of writing
-    # this box where it did; None for a box the prompt gave (docs/TRUST.md)
+    # per box: the geometric mean of p(upper-left token) and p(lower-right token | upper-left), the model's
+    # own probabilities of the two location tokens it wrote; None for a box the prompt gave (docs/TRUST.md)
     scores: list[float | None] = field(default_factory=list)
     # exp(mean log p) of the phrase's tokens when the model wrote the phrase; None when the prompt did
     phrase_score: float | None = None
@@ -149,7 +149,7 @@ class Candidate:
 
     box: grounding.Box
     pixel_box: grounding.Box
-    score: float  # p(ul) * p(lr | ul) after `<object>`
+    score: float  # sqrt(p(ul) * p(lr | ul)) after `<object>`, as EntityResult.scores
     logp_ul: float
     logp_lr: float
 
@@ -330,7 +330,7 @@ class Predictor:
                     ul, lr = (ids[j] - offset for j in group)
                     try:
                         box = grounding.tokens_to_box(ul, lr, self.grid)
-                        boxes.append((box, math.exp(logprobs[group[0]] + logprobs[group[1]])))
+                        boxes.append((box, math.exp((logprobs[group[0]] + logprobs[group[1]]) / 2)))
                     except ValueError:
                         pass
                 group = [] if t != tag[grounding.OBJECT_END] else None
@@ -521,7 +521,7 @@ class Predictor:
                             Candidate(
                                 box,
                                 grounding.box_to_pixels(box, W, H),
-                                math.exp(c.logp),
+                                math.exp(c.logp / 2),
                                 c.logp_ul,
                                 c.logp_lr,
                             )

@@ -98,9 +98,9 @@ def test_task_prompts(predictor, monkeypatch):
     seen: list[tuple[list[str], dict]] = []
     real = predictor._run
 
-    def spy(images, prompts, defaults, options):
+    def spy(images, prompts, defaults, options, **hooks):
         seen.append((prompts, {**defaults, **options}))
-        return real(images, prompts, defaults, {**options, "max_new_tokens": 2})
+        return real(images, prompts, defaults, {**options, "max_new_tokens": 2}, **hooks)
 
     monkeypatch.setattr(predictor, "_run", spy)
     im = images(1)[0]  # 64 x 48

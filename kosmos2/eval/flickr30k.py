@@ -418,6 +418,7 @@ def phrase_record(
         "predicted": [list(b) for b in predicted],
         "ious": {str(k): v for k, v in ious.items()},
         "decoded": bool(predicted),
+        "score_first": (prediction.scores_for(phrase) or [None])[0],
     }
 
 
@@ -519,6 +520,12 @@ def write_grounding_report(
     out_dir: Path, result: dict[str, Any], records: Sequence[dict], samples: int, load: Any = None
 ) -> None:
     """metrics.json, records.jsonl, report.md, the plots and the sample sheet of a phrase-grounding run."""
+    result["past_threshold"] = metrics.threshold_metrics(
+        [r["ious"]["1"] for r in records],
+        [r.get("score_first") for r in records],
+        [r["predicted"][0] if r["predicted"] else None for r in records],
+        [r["truth"] for r in records],
+    )
     report.write_json(out_dir / "metrics.json", result)
     report.write_jsonl(out_dir / "records.jsonl", records)
     md = [
@@ -616,6 +623,9 @@ def write_grounding_report(
         md += [report.image_link(bars, out_dir, "recall by phrase type"), ""]
     if sheet:
         md += [report.image_link(sheet, out_dir, "samples"), ""]
+    md += report.threshold_section(
+        result["past_threshold"], out_dir, "grounding", "Phrase grounding, first box"
+    )
     atomic_write_text(out_dir / "report.md", "\n".join(md))
 
 

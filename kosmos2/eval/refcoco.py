@@ -322,6 +322,7 @@ def rec_record(
         "correct_first": s.correct("first"),
         "correct_any": s.correct("any"),
         "correct_mean": s.correct("mean"),
+        "score_first": (prediction.scores_for(expression) or [None])[0],
     }
 
 
@@ -420,6 +421,12 @@ def write_rec_report(
     out_dir: Path, result: dict[str, Any], records: Sequence[dict], samples: int, load: Any = None
 ) -> None:
     """metrics.json, records.jsonl, report.md, the plots and the sample sheet of a REC run."""
+    result["past_threshold"] = metrics.threshold_metrics(
+        [r["iou_first"] for r in records],
+        [r.get("score_first") for r in records],
+        [r["predicted"][0] if r["predicted"] else None for r in records],
+        [r["truth"] for r in records],
+    )
     report.write_json(out_dir / "metrics.json", result)
     report.write_jsonl(out_dir / "records.jsonl", records)
     rows = []
@@ -504,6 +511,7 @@ def write_rec_report(
         "",
         report.image_link(sheet, out_dir, "samples") if sheet else "",
         "",
+        *report.threshold_section(result["past_threshold"], out_dir, "rec", "REC, first box"),
     ]
     atomic_write_text(out_dir / "report.md", "\n".join(md))
 
