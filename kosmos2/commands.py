@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+ZOOM_TASKS = ("describe", "caption", "vqa", "grounded_vqa", "ocr")
 TASKS = {
     "brief": "<grounding>An image of",
     "detailed": "<grounding>Describe this image in detail:",
@@ -34,6 +35,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="checkpoint directory (default: the built-in model or $KOSMOS2_MODEL)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image (JSON lines)")
     p.add_argument("--draw", metavar="OUT", help="write the image with its boxes (a .png file, or a folder)")
+    p.add_argument(
+        "--coco",
+        metavar="OUT.json",
+        help="write the boxes as COCO results JSON (image_id, category_id, bbox [x, y, w, h], score), and "
+        "beside it OUT.dataset.json (images and categories) unless --coco-gt names the dataset",
+    )
+    p.add_argument(
+        "--coco-gt",
+        metavar="INSTANCES.json",
+        help="a COCO annotation file: image ids from its file names, category ids from its names",
+    )
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--num-beams", type=int, default=None)
     p.add_argument("--sample", action="store_true", help="sample (top-p 0.9, temperature 0.7 by default)")
@@ -43,6 +55,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=_ground_command)
+
+    p = subparsers.add_parser(
+        "zoom",
+        help="crop-and-ask: locate an expression, crop around it, run a task on the crop",
+        description="Locate EXPRESSION, crop around its box with a margin, and describe the crop, caption "
+        "it, answer a question about it or read its text with tesseract (--then ocr). Boxes found in the "
+        "crop are printed in the original image's pixels.",
+    )
+    p.add_argument("image", help="image file")
+    p.add_argument("expression", help="what to zoom in on, e.g. 'the red sign'")
+    p.add_argument("--then", choices=ZOOM_TASKS, default="describe", help="the task on the crop")
+    p.add_argument("--question", help="the question for --then vqa / grounded_vqa")
+    p.add_argument("--margin", type=float, default=None, help="crop margin per side, a fraction of the box")
+    p.add_argument("--force", action="store_true", help="crop even when the expression is judged not found")
+    p.add_argument("--crop", metavar="OUT.png", help="also write the crop")
+    p.add_argument("--model", help="checkpoint directory (default: the built-in model or $KOSMOS2_MODEL)")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(func=_zoom_command)
 
     p = subparsers.add_parser(
         "draw",
@@ -104,6 +134,8 @@ def _ground_command(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         batch_size=args.batch_size,
         options={k: v for k, v in options.items() if v is not None},
+        coco=args.coco,
+        coco_gt=args.coco_gt,
     )
     return 0
 
@@ -119,8 +151,11 @@ def ground_images(
     batch_size: int = 8,
     options: dict[str, Any] | None = None,
     out: TextIO | None = None,
+    coco: str | None = None,
+    coco_gt: str | None = None,
 ) -> list[Any]:
-    """Ground each image, print the results (text or JSON lines), optionally draw the boxes."""
+    """Ground each image, print the results (text or JSON lines), optionally draw the boxes (labels carry
+    the box scores) and write COCO results JSON (`coco_results`)."""
     from kosmos2.image import draw_boxes
     from kosmos2.predictor import PROMPT_BRIEF, Predictor
 
@@ -145,11 +180,204 @@ def ground_images(
             else:
                 print(_format(path, r), file=out)
             if draw_targets:
-                draw_boxes(path, r.entities, out_path=draw_targets[start + i])
+                draw_boxes(path, r.entities, labels=_score_labels(r), out_path=draw_targets[start + i])
             results.append(r)
         progress.update(len(chunk))
     progress.close()
+    if coco:
+        write_coco(images, results, coco, coco_gt)
     return results
+
+
+def _score_labels(r: Any) -> list[str]:
+    """Draw labels: the phrase and its boxes' scores ("a red ball 0.93")."""
+    labels = []
+    for e in r.entities:
+        scores = [f"{s:.2f}" for s in getattr(e, "scores", []) if s is not None]
+        labels.append(f"{e.phrase} {'/'.join(scores)}" if scores else e.phrase)
+    return labels
+
+
+def coco_results(
+    images: Sequence[str], results: Sequence[Any], gt: dict[str, Any] | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """COCO detection results for grounded results: one {"image_id", "category_id", "bbox": [x, y, w, h]
+    in pixels, "score"} per box, and the dataset they refer to ({"images", "categories", "annotations": []},
+    loadable by pycocotools' COCO, so that `COCO(dataset).loadRes(results)` works).
+
+    Without `gt`, images are numbered 1.. in the given order and categories 1.. by first appearance of each
+    phrase. With `gt` (a COCO annotation dict), image ids come from its file names (an image's base name)
+    and category ids from its category names (matched after lower-casing and dropping a leading article);
+    boxes whose phrase names no category are left out. A box without a score gets 1.0.
+    """
+    if gt is None:
+        dataset: dict[str, Any] = {"images": [], "categories": [], "annotations": []}
+        for n, (path, r) in enumerate(zip(images, results, strict=True), 1):
+            w, h = r.image_size
+            dataset["images"].append({"id": n, "file_name": Path(path).name, "width": w, "height": h})
+        image_ids = list(range(1, len(images) + 1))
+        names: dict[str, int] = {}
+        for r in results:
+            for e in r.entities:
+                if e.pixel_boxes and e.phrase not in names:
+                    names[e.phrase] = len(names) + 1
+        dataset["categories"] = [{"id": i, "name": n} for n, i in names.items()]
+        category = names.get
+    else:
+        dataset = gt
+        by_file = {Path(im["file_name"]).name: im["id"] for im in gt.get("images", [])}
+        missing = [p for p in images if Path(p).name not in by_file]
+        if missing:
+            raise SystemExit(
+                f"kosmos2 ground: --coco-gt has no image named {Path(missing[0]).name!r}; give the "
+                "annotation file these images belong to"
+            )
+        image_ids = [by_file[Path(p).name] for p in images]
+        by_name = {_category_key(c["name"]): c["id"] for c in gt.get("categories", [])}
+
+        def category(phrase: str) -> int | None:
+            return by_name.get(_category_key(phrase))
+
+    rows = []
+    for image_id, r in zip(image_ids, results, strict=True):
+        for e in r.entities:
+            cid = category(e.phrase)
+            if cid is None:
+                continue
+            scores = list(getattr(e, "scores", []) or [])
+            for j, (x1, y1, x2, y2) in enumerate(e.pixel_boxes):
+                score = scores[j] if j < len(scores) and scores[j] is not None else 1.0
+                rows.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": cid,
+                        "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                        "score": round(float(score), 5),
+                    }
+                )
+    return rows, dataset
+
+
+def _category_key(name: str) -> str:
+    words = name.lower().split()
+    if words and words[0] in ("a", "an", "the"):
+        words = words[1:]
+    return " ".join(words)
+
+
+def write_coco(images: Sequence[str], results: Sequence[Any], out: str, gt_path: str | None = None) -> Path:
+    """Write `coco_results` to `out` (and, without a ground-truth file, the dataset to OUT.dataset.json),
+    each atomically."""
+    from kosmos2.fileio import atomic_write_text
+
+    gt = None
+    if gt_path is not None:
+        try:
+            gt = json.loads(Path(gt_path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise SystemExit(
+                f"kosmos2 ground: --coco-gt {gt_path!r} is not a readable COCO JSON file ({e})"
+            ) from None
+        if not isinstance(gt, dict) or "images" not in gt or "categories" not in gt:
+            raise SystemExit(f"kosmos2 ground: --coco-gt {gt_path!r} needs 'images' and 'categories' lists")
+    rows, dataset = coco_results(images, results, gt)
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target, json.dumps(rows) + "\n")
+    if gt is None:
+        atomic_write_text(target.with_suffix(".dataset.json"), json.dumps(dataset, indent=1) + "\n")
+    return target
+
+
+# -- zoom ----------------------------------------------------------------------------------------
+
+
+def _zoom_command(args: argparse.Namespace) -> int:
+    zoom_image(
+        args.image,
+        args.expression,
+        then=args.then,
+        question=args.question,
+        margin=args.margin,
+        force=args.force,
+        crop=args.crop,
+        model=args.model,
+        as_json=args.json,
+    )
+    return 0
+
+
+def zoom_image(
+    image: str,
+    expression: str,
+    then: str = "describe",
+    question: str | None = None,
+    margin: float | None = None,
+    force: bool = False,
+    crop: str | None = None,
+    model: str | None = None,
+    as_json: bool = False,
+    out: TextIO | None = None,
+) -> Any:
+    """`Predictor.zoom` on one image file; prints what was found and the task's answer (or JSON)."""
+    from kosmos2.predictor import ZOOM_MARGIN, GroundingResult, Predictor
+
+    out = out or sys.stdout
+    if not Path(image).is_file():
+        raise SystemExit(f"kosmos2 zoom: {image!r} is not a file; pass the path of an image file")
+    if then in ("vqa", "grounded_vqa") and not question:
+        raise SystemExit(f"kosmos2 zoom: --then {then} needs --question 'what to ask about the crop'")
+    task: Any = then
+    if then == "ocr":
+        try:
+            import pytesseract
+        except ImportError:
+            raise SystemExit(
+                "kosmos2 zoom: --then ocr needs pytesseract and tesseract: pip install pytesseract"
+            ) from None
+
+        def task(im: Any) -> str:
+            return pytesseract.image_to_string(im).strip()
+
+    predictor = Predictor.from_pretrained(model)
+    z = predictor.zoom(
+        image,
+        expression,
+        then=task,
+        question=question,
+        margin=ZOOM_MARGIN if margin is None else margin,
+        force=force,
+    )
+    if crop and z.crop is not None:
+        from kosmos2.fileio import atomic_write
+
+        atomic_write(crop, lambda f: z.crop.save(f, format="PNG"))
+    loc = z.located
+    answer = z.result.answer if isinstance(z.result, GroundingResult) else z.result
+    if as_json:
+        record = {
+            "image": image,
+            "expression": expression,
+            "found": loc.found,
+            "found_score": loc.found_score,
+            "ambiguous": loc.ambiguous,
+            "box": loc.pixel_box,
+            "crop_box": z.crop_box,
+            "then": then,
+            "answer": answer,
+            "result": z.result.to_dict() if isinstance(z.result, GroundingResult) else None,
+        }
+        print(json.dumps(record, default=str), file=out)
+        return z
+    box = "none" if loc.pixel_box is None else "(" + ", ".join(f"{v:.0f}" for v in loc.pixel_box) + ")"
+    print(f"{image}: {expression!r} -> {box}, found {loc.found} (score {loc.found_score:.2f})", file=out)
+    if z.crop_box is None:
+        print("  not cropped: the expression was judged not found (--force crops anyway)", file=out)
+        return z
+    print(f"  crop ({', '.join(f'{v:.0f}' for v in z.crop_box)}), {then}: {answer}", file=out)
+    if isinstance(z.result, GroundingResult) and then == "caption":
+        print(_format(image, z.result), file=out)
+    return z
 
 
 def draw_markup(image: str, text: str, out: str) -> str:

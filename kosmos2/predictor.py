@@ -546,6 +546,59 @@ class Predictor:
             after=trust,
         )
 
+    def zoom(
+        self,
+        image: Any,
+        expression: str,
+        then: str | Callable[[Any], Any] = "describe",
+        question: str | None = None,
+        margin: float = ZOOM_MARGIN,
+        force: bool = False,
+        **options: Any,
+    ) -> ZoomResult:
+        """Crop-and-ask: locate `expression`, crop around its box with a margin, run a task on the crop.
+
+        then: "describe" (box -> description of the object in the crop), "caption" (grounded caption of
+        the crop), "vqa" / "grounded_vqa" (`question` about the crop), or a callable taking the crop (a PIL
+        image) and returning anything, e.g. `lambda im: pytesseract.image_to_string(im)` for OCR.
+        margin: added on each side as a fraction of the box's width and height (clipped to the image).
+        force: crop even when `locate` says the expression is not found (by default the task is skipped and
+        `result` is None: ask the user instead). Boxes of a GroundingResult from the crop are mapped back to
+        the original image. options: generation options for the task on the crop.
+        """
+        tasks = ("describe", "caption", "vqa", "grounded_vqa")
+        if not callable(then) and then not in tasks:
+            raise ValueError(f"then={then!r}: give one of {tasks} or a callable taking the cropped image")
+        if then in ("vqa", "grounded_vqa") and not (isinstance(question, str) and question.strip()):
+            raise ValueError(f"then={then!r} needs question='...' (what to ask about the crop)")
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin <= 10:
+            raise ValueError(
+                f"margin must be a number in [0, 10] (a fraction of the box size), got {margin!r}"
+            )
+        picture = load_image(image)
+        W, H = image_size(picture)
+        located = self.locate(picture, expression)
+        box = located.pixel_box
+        if box is None or not (located.found or force):
+            return ZoomResult(located, None, None, None)
+        x1, y1, x2, y2 = box
+        mw, mh = margin * (x2 - x1), margin * (y2 - y1)
+        left, top = max(0, math.floor(x1 - mw)), max(0, math.floor(y1 - mh))
+        right, bottom = min(W, math.ceil(x2 + mw)), min(H, math.ceil(y2 + mh))
+        crop = picture.crop((left, top, right, bottom))
+        if callable(then):
+            result = then(crop)
+        elif then == "describe":
+            inside = (x1 - left, y1 - top, x2 - left, y2 - top)
+            result = self.describe_region(crop, inside, **options)
+        elif then == "caption":
+            result = self.caption(crop, **options)
+        else:
+            result = self.vqa(crop, question, grounded=then == "grounded_vqa", **options)
+        if isinstance(result, GroundingResult):
+            result = _uncrop(result, (left, top), (W, H))
+        return ZoomResult(located, (float(left), float(top), float(right), float(bottom)), crop, result)
+
     @torch.no_grad()
     def _exists(self, embeds: torch.Tensor, things: list[str]) -> list[float]:
         """p(" yes") / (p(" yes") + p(" no")) as the answer to `Question: Is there {thing}? Answer:`."""
@@ -644,3 +697,17 @@ def _question_words(prompt: str, article: bool = True) -> str:
     else:
         return words
     return ("an " if words[:1].lower() in "aeiou" and words else "a ") + words
+
+
+def _uncrop(result: GroundingResult, offset: tuple[int, int], size: tuple[int, int]) -> GroundingResult:
+    """A result on a crop with its boxes moved into the original image (pixels and normalised)."""
+    from dataclasses import replace
+
+    dx, dy = offset
+    W, H = size
+    entities = []
+    for e in result.entities:
+        pixels = [(x1 + dx, y1 + dy, x2 + dx, y2 + dy) for x1, y1, x2, y2 in e.pixel_boxes]
+        boxes = [grounding.box_to_normalized(b, W, H) for b in pixels]
+        entities.append(replace(e, boxes=boxes, pixel_boxes=pixels))
+    return replace(result, entities=entities, image_size=(W, H))
