@@ -52,6 +52,12 @@ Tasks (prompts per SPEC §1; every piece of markup is written by `kosmos2.ground
                       Answer: → red
     vqa               Question: How many red circles are there? Answer: → 2
                       (kinds: count, color, shape, size, where, exists)
+    rec_absent        <grounding><phrase> the green triangle</phrase> → (nothing: `</s>`) where no object
+                      fits: an object's description with one attribute changed ("near"), else a random one
+    rec_ambiguous     <grounding><phrase> the red circle</phrase> → <object>…</delimiter_of_multi_objects/>…
+                      </object> where exactly two objects fit (forms "identical" / "similar")
+                      The last two (QUERY_TASKS) are asked for by name only: they measure Predictor.locate's
+                      found / ambiguous decisions; the default mixture and evaluation sets leave them out.
 
 Captions list groups left to right by each group's leftmost centre; a group is all objects sharing size,
 colour and shape, named once with a count word and one box per member ("two large blue squares"). The REG
@@ -61,6 +67,8 @@ only when the full description fits several objects; an object that nothing deci
 Splits
     train          endless; its scenes never contain a held-out shape×colour pair (HELD_OUT_PAIRS)
     test           the train distribution on other scenes (the split name seeds them apart), fixed seed
+    calibration    the same distribution as test on yet other scenes: for fitting decision thresholds
+                   (found / ambiguous) apart from the test split they are measured on
     compositional  every scene contains a held-out pair, and the queried object (REC, REG, phrase, VQA) is
                    one; REC and count/exists questions name the pair itself (colour and shape).
                    HELD_OUT_PAIRS: blue circle, yellow square, purple triangle, red diamond, green star,
@@ -88,6 +96,7 @@ __all__ = [
     "COLOURS",
     "DEFAULT_MIXTURE",
     "HELD_OUT_PAIRS",
+    "QUERY_TASKS",
     "SHAPES",
     "SIZES",
     "SPLITS",
@@ -885,8 +894,8 @@ def _rec_query(facts: _Facts, task: str, expression: str, boxes: list[Box], form
 
 
 def _build_rec_absent(facts: _Facts, focus: list[int], rng: random.Random) -> dict[str, Any] | None:
-    """"the green triangle" where nothing is one: an object's description with one named attribute changed
-    (a near miss, form "near"), or, when no change gives one, a random description (form "random").
+    """An expression no object fits, "the green triangle": an object's description with one named attribute
+    changed (a near miss, form "near"), or, when no change gives one, a random description (form "random").
     On the test split the description never names a held-out shape×colour pair."""
     held_out_ok = facts.scene.split == "compositional"
     options = []
@@ -925,8 +934,8 @@ def _build_rec_absent(facts: _Facts, focus: list[int], rng: random.Random) -> di
 
 
 def _build_rec_ambiguous(facts: _Facts, focus: list[int], rng: random.Random) -> dict[str, Any] | None:
-    """"the red circle" where exactly two objects fit it (form: "identical" when the two share size, colour
-    and shape, else "similar"); the true boxes are both, left to right."""
+    """An expression exactly two objects fit, "the red circle" (form: "identical" when the two share size,
+    colour and shape, else "similar"); the true boxes are both, left to right."""
     options: dict[Desc, list[int]] = {}
     for i in focus:
         for p in QUERY_PATTERNS:
