@@ -133,3 +133,25 @@ def test_trust_records_resume_from_their_cache(tmp_path):
     for r in first:
         assert 0 <= r["found_score"] <= 1 and r["ambiguity_score"] >= 0
         assert (r["covered"] is None) == (r["task"] != "rec_ambiguous")
+
+
+def test_eval_cli_trust_and_the_world_report_past_one_threshold(tmp_path, tiny_checkpoint_dir, capsys):
+    import json
+
+    from kosmos2.cli import main
+
+    base = ["eval", "synthetic", "--checkpoint", str(tiny_checkpoint_dir), "--no-progress", "--limit", "2"]
+    assert main([*base, "--out", str(tmp_path / "t"), "--trust", "--max-new-tokens", "4"]) == 0
+    trust = json.loads((tmp_path / "t" / "trust.json").read_text())
+    assert trust["found"]["n_present"] == trust["found"]["n_absent"] == trust["ambiguous"]["n"] == 2
+    assert "found AUROC" in capsys.readouterr().out and (tmp_path / "t" / "trust.md").is_file()
+    # the ordinary world report: REC and phrase grounding past one threshold, with scores from the predictor
+    args = [*base, "--out", str(tmp_path / "w"), "--split", "test", "--tasks", "rec", "phrase_grounding"]
+    assert main([*args, "--max-new-tokens", "6", "--samples", "0"]) == 0
+    m = json.loads((tmp_path / "w" / "metrics.json").read_text())
+    for task in ("rec", "phrase_grounding"):
+        past = m["results"]["test"][task]["past_threshold"]
+        assert set(past["accuracy_by_iou"]) == {f"{0.5 + 0.05 * i:.2f}" for i in range(10)} | {"mean"}
+        assert 0 <= past["pointing"] <= 1
+    md = (tmp_path / "w" / "report.md").read_text()
+    assert md.count("past one IoU threshold") == 2
