@@ -42,10 +42,11 @@ PROMPT_BRIEF = "<grounding>An image of"
 PROMPT_DETAILED = "<grounding>Describe this image in detail:"
 PROMPT_PLAIN = "An image of"
 
-# `locate`'s decisions (docs/TRUST.md): calibrated for the built-in default model on the synthetic world's
-# calibration split (kosmos2.eval.synthetic.calibrate_trust); other checkpoints should be recalibrated.
-FOUND_THRESHOLD = 0.5  # found when found_score >= this
-AMBIGUOUS_THRESHOLD = 0.5  # ambiguous when found and ambiguity_score >= this
+# `locate`'s decisions (docs/TRUST.md): fitted for the built-in default model on the synthetic world's
+# calibration split, 500 queries of each kind (`kosmos2 eval synthetic --trust`, best balanced accuracy);
+# recalibrate for another checkpoint and set `predictor.found_threshold` / `ambiguous_threshold`.
+FOUND_THRESHOLD = 0.162  # found when found_score >= this
+AMBIGUOUS_THRESHOLD = 0.099  # ambiguous when found and ambiguity_score >= this
 CANDIDATE_BEAMS = 16  # upper-left cells tried by the candidate search (at least 2 x candidates)
 CANDIDATE_IOU = 0.5  # candidates overlapping a better one this much are the same object
 ZOOM_MARGIN = 0.5  # crop margin on each side, as a fraction of the box's width / height
