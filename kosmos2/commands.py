@@ -418,8 +418,17 @@ def _draw_targets(images: Sequence[str], draw: str) -> list[Path]:
 def _format(path: str, r: Any) -> str:
     lines = [f"{path}: {r.caption}"]
     for e in r.entities:
-        boxes = "; ".join("(" + ", ".join(f"{v:.0f}" for v in b) + ")" for b in e.pixel_boxes)
+        scores = list(getattr(e, "scores", None) or [None] * len(e.pixel_boxes))
+        boxes = "; ".join(
+            "(" + ", ".join(f"{v:.0f}" for v in b) + ")" + ("" if s is None else f" score {s:.2f}")
+            for b, s in zip(e.pixel_boxes, scores, strict=False)
+        )
         lines.append(f"  {e.phrase!r} [{e.span[0]}:{e.span[1]}] -> {boxes}")
+    if getattr(r, "found", None) is not None:
+        lines.append(
+            f"  found {r.found} (score {r.found_score:.2f}), ambiguous {r.ambiguous} "
+            f"(score {r.ambiguity_score:.2f}), {len(r.candidates)} candidate(s)"
+        )
     return "\n".join(lines)
 
 
