@@ -464,7 +464,7 @@ def _load_original(path: Path, trust_pickle: bool) -> object:
             if use_mmap and "mmap can only be used" in str(e):
                 continue
             break
-        except (EOFError, ValueError, OSError, UnicodeDecodeError):
+        except Exception:  # noqa: BLE001 - torch's legacy reader fails on foreign bytes in many ways
             break
     with open(path, "rb") as f:
         head = f.read(8)

@@ -47,7 +47,8 @@ def _float_in(low: float, high: float, low_open: bool = True):
         inside = (value > low if low_open else value >= low) and value <= high
         if not (math.isfinite(value) and inside):
             bracket = "(" if low_open else "["
-            raise argparse.ArgumentTypeError(f"{value:g} must lie in {bracket}{low:g}, {high:g}]")
+            where = f"be > {low:g}" if high == math.inf else f"lie in {bracket}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"{value:g} must {where}")
         return value
 
     return parse
@@ -150,7 +151,9 @@ def _ground_command(args: argparse.Namespace) -> int:
             n for n, v in (("--temperature", args.temperature), ("--top-p", args.top_p)) if v is not None
         ]
         if given:
-            raise UsageError(f"{' and '.join(given)} only apply to sampling; add --sample")
+            raise UsageError(
+                f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only to sampling; add --sample"
+            )
     elif args.num_beams is not None and args.num_beams > 1:
         raise UsageError(f"--sample with --num-beams {args.num_beams}: beam search does not sample; pick one")
     options: dict[str, Any] = {
@@ -228,6 +231,7 @@ def ground_images(
 
     out, err = out or sys.stdout, err or sys.stderr
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    _allow_pixels(max_pixels)
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: must be 1 or more")
     if expression is not None:
@@ -306,6 +310,15 @@ def ground_images(
     return results
 
 
+def _allow_pixels(max_pixels: int) -> None:
+    """--max-pixels above Pillow's own hard limit (twice PIL.Image.MAX_IMAGE_PIXELS) raises that limit too:
+    in a command-line process the user's limit is the one that counts."""
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > 2 * Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels // 2 + 1
+
+
 def expand_inputs(images: Sequence[str]) -> list[tuple[str, str | None]]:
     """(name, problem) for each image to run: a folder becomes the image files in it (by extension, sorted,
     hidden files skipped; not recursive); a folder without images is a problem. Other paths are left to
@@ -339,7 +352,7 @@ def _check_expression(expression: str) -> None:
     tags = [m.group(0) for m in grounding._TAGLIKE_RE.finditer(expression)]
     kosmos = [t for t in tags if t in grounding.TAG_TOKENS or grounding._patch_index(t) is not None]
     if kosmos or found:
-        what = f"the markup {kosmos[0]!r}" if kosmos else found[0][1]
+        what = f"contains the markup {kosmos[0]!r}" if kosmos else found[0][1]
         raise UsageError(f"--locate {expression!r}: {what}; give plain words (the phrase tags are added)")
 
 

@@ -184,7 +184,8 @@ def _decode(fp: BinaryIO, name: str, max_pixels: int | None, exif_orientation: b
         except Image.DecompressionBombError as e:
             raise ImageError(
                 f"{name}: refused by Pillow as a possible decompression bomb ({e}); downscale the image, or "
-                "if you trust it raise PIL.Image.MAX_IMAGE_PIXELS (Pillow refuses twice that) and max_pixels"
+                "if you trust it raise the limits: --max-pixels N on the command line; in Python "
+                "PIL.Image.MAX_IMAGE_PIXELS (Pillow refuses twice that) and max_pixels"
             ) from e
         except Image.UnidentifiedImageError as e:
             raise ImageError(

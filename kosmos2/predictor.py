@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from kosmos2 import grounding
-from kosmos2.errors import UnsupportedTaskError, UserError
+from kosmos2.errors import UnsupportedTaskError, UsageError, UserError
 from kosmos2.generate import GenerationConfig, encode_images, generate, stream
 from kosmos2.image import image_size, load_image, preprocess
 
@@ -492,7 +492,7 @@ def _check_device(device: torch.device | str) -> None:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise UserError(f"device {device!r} is not a torch device ({e}); use cpu, cuda or cuda:N") from None
+        raise UsageError(f"device {device!r} is not a torch device ({e}); use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device!r}: CUDA is not available on this machine; use cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
