@@ -406,6 +406,7 @@ def markup_problems(
         token, at = m.group(0), m.start()
         index = _patch_index(token)
         if index is not None:
+            known = len(problems)
             if index >= grid * grid:
                 problems.append(
                     (
@@ -418,8 +419,7 @@ def markup_problems(
                 problems.append((at, f"{token!r} is not a location token: write {patch_token(index)!r}"))
             elif vocabulary is not None and vocabulary(token) is None:
                 problems.append((at, f"{token!r} is not in this model's vocabulary"))
-            else:
-                tokens.append((at, token, index))
+            tokens.append((at, token, index if len(problems) == known else -1))  # -1: reported
             continue
         if token in TAG_TOKENS or token in SPECIAL_TOKENS:
             if vocabulary is not None and token in TAG_TOKENS and vocabulary(token) is None:
@@ -443,7 +443,7 @@ def markup_problems(
         if near is not None:
             problems.append((at, f"{token!r} is not a Kosmos-2 tag (tags are lower case, e.g. {near!r})"))
     problems += _structure_problems(text, base, tokens, grid, prompt)
-    return sorted(problems)
+    return sorted(problems, key=lambda problem: problem[0])  # stable: a token's own problem first
 
 
 def check_prompt(text: str, grid: int = GRID, vocabulary: Callable[[str], object] | None = None) -> str:
@@ -508,7 +508,8 @@ def _structure_problems(
             object_at, groups = at, [[]]
         elif index is not None or token == DELIMITER:
             if object_at is None:
-                problems.append((at, f"{token!r} outside <object>…</object>"))
+                if index != -1:  # a bad location token is reported once, as itself
+                    problems.append((at, f"{token!r} outside <object>…</object>"))
             elif token == DELIMITER:
                 groups.append([])
             else:
@@ -535,6 +536,8 @@ def _object_problems(at: int, groups: list[list[tuple[int, int]]], grid: int) ->
             )
             continue
         (ul_at, ul), (_, lr) = group
+        if ul < 0 or lr < 0:
+            continue  # a bad location token, reported where it stands
         try:
             tokens_to_box(ul, lr, grid)
         except ValueError as e:
