@@ -25,6 +25,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -449,26 +450,25 @@ def _load_original(path: Path, trust_pickle: bool) -> object:
         )
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; pass kosmos-2.pt from the original release")
-    for use_mmap in (True, False):  # mmap needs the zip format (torch >= 1.6); older files load without it
-        try:
-            return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=use_mmap)
-        except pickle.UnpicklingError as e:
-            if "Weights only load failed" not in str(e):
-                break  # not a pickle at all
-            raise ValueError(
-                f"{path}: holds non-tensor objects that weights_only loading refuses "
-                f"({str(e).splitlines()[0]}). If you trust the file, pass trust_pickle=True "
-                "(--trust-pickle); or save its state dict (obj['model']) to a new file first."
-            ) from None
-        except RuntimeError as e:
-            if use_mmap and "mmap can only be used" in str(e):
-                continue
-            break
-        except Exception:  # noqa: BLE001 - torch's legacy reader fails on foreign bytes in many ways
-            break
-    with open(path, "rb") as f:
-        head = f.read(8)
-    raise ValueError(
-        f"{path}: not a PyTorch checkpoint (starts {head!r}; {path.stat().st_size:,} bytes); pass "
-        "kosmos-2.pt from the original release"
-    )
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives (since torch 1.6), the release is one
+        with open(path, "rb") as f:
+            head = f.read(8)
+        raise ValueError(
+            f"{path}: not a PyTorch checkpoint (starts {head!r}; {path.stat().st_size:,} bytes, not the zip "
+            "archive torch.save writes); pass kosmos-2.pt from the original release"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise ValueError(f"{path}: a zip archive but not a readable PyTorch checkpoint ({e})") from None
+        raise ValueError(
+            f"{path}: holds non-tensor objects that weights_only loading refuses "
+            f"({str(e).splitlines()[0]}). If you trust the file, pass trust_pickle=True "
+            "(--trust-pickle); or save its state dict (obj['model']) to a new file first."
+        ) from None
+    except (RuntimeError, KeyError, EOFError, ValueError) as e:  # a zip without torch's layout
+        raise ValueError(
+            f"{path}: a zip archive but not a PyTorch checkpoint ({type(e).__name__}: {e}); pass kosmos-2.pt "
+            "from the original release"
+        ) from None

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     verb = getattr(args, "_verb", "kosmos2")
-    debug = bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    debug = debug_enabled(args)
     try:
         with _one_line_warnings(verb):
             code = args.func(args)
@@ -117,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         code, message = classify(e)
         _report(verb, message, debug)
         return code
+
+
+def debug_enabled(args: argparse.Namespace) -> bool:
+    """--debug given, or KOSMOS2_DEBUG set (to anything but "" or "0")."""
+    return bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 def classify(error: BaseException) -> tuple[int, str]:

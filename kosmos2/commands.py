@@ -10,8 +10,9 @@ import argparse
 import json
 import math
 import sys
+import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -146,14 +147,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _ground_command(args: argparse.Namespace) -> int:
+    from kosmos2.cli import debug_enabled
+
     if not args.sample:
         given = [
             n for n, v in (("--temperature", args.temperature), ("--top-p", args.top_p)) if v is not None
         ]
         if given:
-            raise UsageError(
-                f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only to sampling; add --sample"
-            )
+            verb = "apply" if len(given) > 1 else "applies"
+            raise UsageError(f"{' and '.join(given)} {verb} only to sampling; add --sample")
     elif args.num_beams is not None and args.num_beams > 1:
         raise UsageError(f"--sample with --num-beams {args.num_beams}: beam search does not sample; pick one")
     options: dict[str, Any] = {
@@ -185,6 +187,7 @@ def _ground_command(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         task=task,
         task_flag=f"--task {args.task}" if args.task else None,
+        debug=debug_enabled(args),
     )
     return 1 if any(isinstance(r, Failure) for r in results) else 0
 
@@ -195,6 +198,7 @@ class Failure:
 
     image: str
     error: str
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, str]:
         return {"image": self.image, "error": self.error}
@@ -216,6 +220,7 @@ def ground_images(
     max_pixels: int | None = None,
     task: str | None = None,
     task_flag: str | None = None,
+    debug: bool = False,
 ) -> list[Any]:
     """Ground each image (a folder stands for the images in it); print the results (text or JSON lines),
     optionally draw the boxes. Returns one GroundingResult or Failure per image, in order.
@@ -227,7 +232,7 @@ def ground_images(
     """
     from kosmos2 import grounding
     from kosmos2.image import DEFAULT_MAX_PIXELS, ImageError, draw_boxes, load_image
-    from kosmos2.predictor import PROMPT_BRIEF, Predictor
+    from kosmos2.predictor import PROMPT_BRIEF, Predictor, _check_device
 
     out, err = out or sys.stdout, err or sys.stderr
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
@@ -248,6 +253,7 @@ def ground_images(
             grounding.check_prompt(prompt)
         except ValueError as e:
             raise UsageError(f"--prompt: {e}") from None
+    _check_device(device)
     inputs = expand_inputs(images)
     names = [name for name, _ in inputs]
     draw_targets = _draw_targets(names, draw) if draw else []
@@ -255,6 +261,8 @@ def ground_images(
     results: list[Any] = []
 
     def report(failure: Failure) -> None:
+        if debug and failure.exception is not None:
+            traceback.print_exception(failure.exception, file=err)
         print(f"{VERB}: {failure.error}", file=err, flush=True)
         if as_json:
             print(json.dumps(failure.to_dict()), file=out, flush=True)
@@ -276,7 +284,7 @@ def ground_images(
                 try:
                     loaded[i] = load_image(inputs[i][0], max_pixels=max_pixels)
                 except ImageError as e:
-                    failures[i] = Failure(inputs[i][0], str(e))
+                    failures[i] = Failure(inputs[i][0], str(e), e)
         if loaded:
             pictures = list(loaded.values())
             if expression is not None:
@@ -299,7 +307,7 @@ def ground_images(
                 try:
                     draw_boxes(loaded[i], r.entities, out_path=draw_targets[i])
                 except (OSError, ValueError) as e:
-                    report(Failure(path, f"{path!r}: drawing to {str(draw_targets[i])!r} failed: {e}"))
+                    report(Failure(path, f"{path!r}: drawing to {str(draw_targets[i])!r} failed: {e}", e))
                     continue
             results.append(r)
         progress.update(min(batch_size, len(inputs) - start))
