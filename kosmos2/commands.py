@@ -62,6 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Generate grounded text for each image; print the caption with its entities and boxes. "
         "A bad image is reported (as an error record under --json) and the others still run; the exit "
         "status is then 1.",
+        epilog="Exit status: 0 every image done, 1 a bad image, model or task (one line each), 2 a bad "
+        "argument (checked before any work). --debug shows tracebacks.",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders of images")
     group = p.add_mutually_exclusive_group()
