@@ -90,11 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run `kosmos2 ARGS`; return the exit status. A malformed command line raises SystemExit(2) (argparse's
     behaviour, after one line on stderr); everything else returns its status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    verb = getattr(args, "_verb", "kosmos2")
+    if extra:  # named by the subcommand they were given to, not by the top-level parser
+        parser.exit(EXIT_USAGE, f"{verb}: unrecognized arguments: {' '.join(extra)} (see `{verb} --help`)\n")
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
-    verb = getattr(args, "_verb", "kosmos2")
     debug = debug_enabled(args)
     try:
         with _one_line_warnings(verb):

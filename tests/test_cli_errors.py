@@ -208,6 +208,21 @@ def test_console_script_exit_statuses_and_debug(files, tiny_checkpoint_dir):
     assert done.stderr.splitlines()[-1].startswith("kosmos2 ground: ")
 
 
+def test_every_subcommand_reports_one_line_named_for_itself(tiny_checkpoint_dir, tmp_path, capsys):
+    """The handling is in `cli.main`, so it covers eval and grit too; unknown options name the subcommand."""
+    (tmp_path / "taken").write_text("a file where the output folder should go")
+    argv = ["eval", "synthetic", "--model", str(tiny_checkpoint_dir), "--out", str(tmp_path / "taken")]
+    code, _, err = run([*argv, "--n-per-task", "1"], capsys)
+    assert code == 1 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("kosmos2 eval synthetic: ")  # (above it: the progress bar)
+    code, _, err = run(["eval", "synthetic", "--out", str(tmp_path / "o"), "--frobnicate"], capsys)
+    assert code == 2 and one_line(err, "kosmos2 eval synthetic").endswith(
+        "unrecognized arguments: --frobnicate (see `kosmos2 eval synthetic --help`)"
+    )
+    code, _, err = run(["grit", "build", "--frobnicate"], capsys)
+    assert code == 2 and one_line(err, "kosmos2 grit build")
+
+
 # -- 2. one bad image does not lose the rest -----------------------------------------------------------------
 
 
