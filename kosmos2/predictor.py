@@ -63,7 +63,7 @@ def generation_defaults(directory: Path, tokenizer) -> GenerationConfig:
     `generation_config.json` for the options `GenerationConfig` knows (as transformers' `generate` does)."""
     known = {f for f in GenerationConfig.__dataclass_fields__} - {"eos_token_id", "pad_token_id", "seed"}
     path = directory / "generation_config.json"
-    given = json.loads(path.read_text()) if path.is_file() else {}
+    given = _read_json(path)
     if not isinstance(given, dict):
         raise ValueError(f"{path}: expected a JSON object of generation settings")
     options = {k: v for k, v in given.items() if k in known}
@@ -75,7 +75,7 @@ def model_tasks(directory: Path) -> frozenset[str] | None:
     """The tasks a model folder says its model was trained for (`kosmos2_tasks` in generation_config.json),
     or None when it does not say."""
     path = directory / "generation_config.json"
-    given = json.loads(path.read_text()) if path.is_file() else {}
+    given = _read_json(path)
     if not isinstance(given, dict) or TASKS_KEY not in given:
         return None
     tasks = given[TASKS_KEY]
@@ -84,6 +84,16 @@ def model_tasks(directory: Path) -> frozenset[str] | None:
             f"{path}: {TASKS_KEY} must be a list of task names from {list(TASKS)}, got {tasks!r}"
         )
     return frozenset(tasks)
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON in `path` ({} when there is no file), or a ValueError naming the file."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 @dataclass
@@ -182,7 +192,12 @@ class Predictor:
             try:
                 return cls.from_pretrained(directory, dtype=dtype, device=device, batch_size=batch_size)
             except (OSError, ValueError) as e:
-                raise type(e)(f"${DEFAULT_MODEL_ENV}={str(directory)!r}: {e}") from e
+                message = f"${DEFAULT_MODEL_ENV}={str(directory)!r}: {e}"
+                try:
+                    named = type(e)(message)
+                except TypeError:  # an exception type with other constructor arguments (JSONDecodeError)
+                    named = OSError(message) if isinstance(e, OSError) else ValueError(message)
+                raise named from e
         if not directory.is_dir():
             hint = (
                 "pass the directory of a Kosmos-2 checkpoint in the Hugging Face layout"
