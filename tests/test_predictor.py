@@ -291,6 +291,17 @@ def test_a_bad_model_variable_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv(DEFAULT_MODEL_ENV, str(tmp_path))  # a folder, but no checkpoint in it
     with pytest.raises((OSError, ValueError), match=r"^\$KOSMOS2_MODEL="):
         Predictor.from_pretrained()
+    (tmp_path / "config.json").write_text("{")  # malformed JSON: JSONDecodeError takes other arguments
+    with pytest.raises(ValueError, match=r"^\$KOSMOS2_MODEL='.*': .*config\.json: not valid JSON"):
+        Predictor.from_pretrained()
+
+
+def test_a_malformed_generation_config_is_named(tiny_checkpoint_dir, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint_dir, copy)
+    (copy / "generation_config.json").write_text("{")
+    with pytest.raises(ValueError, match=r"generation_config\.json: not valid JSON"):
+        Predictor.from_pretrained(copy)
 
 
 def test_devices_the_machine_lacks_are_refused_with_a_message(tiny_checkpoint_dir):
