@@ -269,15 +269,16 @@ def test_a_model_states_its_tasks(tiny_checkpoint_dir, tmp_path):
 
 
 def test_the_default_model_states_its_tasks_and_refuses_detailed_descriptions(monkeypatch):
-    """The shipped model was trained on the synthetic world's seven tasks (train._default_mixture), which has
-    no detailed descriptions."""
-    from kosmos2 import train
+    """The shipped model was trained on the synthetic world's seven tasks (the synthetic recipe's mixture),
+    which has no detailed descriptions."""
     from kosmos2.errors import UnsupportedTaskError
     from kosmos2.predictor import DEFAULT_MODEL_ENV
 
     monkeypatch.delenv(DEFAULT_MODEL_ENV, raising=False)
     p = Predictor.from_pretrained()
-    assert p.tasks == set(train._default_mixture())
+    from kosmos2.train.recipes.synthetic import _default_mixture
+
+    assert p.tasks == set(_default_mixture())
     with pytest.raises(UnsupportedTaskError, match="not trained for detailed_caption"):
         p.caption("examples/shapes.png", detailed=True)
 
