@@ -577,8 +577,8 @@ class Predictor:
             raise ValueError(f"candidates must be a positive number of boxes, got {candidates!r}")
         exprs = [expressions] if isinstance(expressions, str) else list(expressions)
         for e in exprs:
-            if not isinstance(e, str) or not e.strip():
-                raise ValueError(f"expressions must be non-empty strings, got {e!r}")
+            if not isinstance(e, str):
+                raise TypeError(f"expressions must be str, got {type(e).__name__}")
         prompts = [
             f"{grounding.GROUNDING}{grounding.PHRASE_START}{e.strip()}{grounding.PHRASE_END}" for e in exprs
         ]

@@ -154,7 +154,7 @@ def test_locate_says_not_found_for_what_the_image_lacks(predictor):
 def test_locate_rejects_bad_arguments(predictor):
     with pytest.raises(ValueError, match="candidates"):
         predictor.locate(SHAPES, "the circle", candidates=0)
-    with pytest.raises(ValueError, match="non-empty"):
+    with pytest.raises(ValueError, match="empty <phrase>"):  # PromptError, a ValueError
         predictor.locate(SHAPES, "  ")
 
 

@@ -123,9 +123,13 @@ def test_zoom_then_ocr_reads_what_the_whole_image_hides(predictor, tmp_path):
 
 
 def test_zoom_cli_errors_are_one_line(tmp_path):
+    from kosmos2.cli import main
     from kosmos2.commands import zoom_image
+    from kosmos2.errors import UsageError, UserError
 
-    with pytest.raises(SystemExit, match="is not a file"):
+    with pytest.raises(UserError, match="is not a file"):
         zoom_image(str(tmp_path / "missing.png"), "the circle")
-    with pytest.raises(SystemExit, match="--question"):
+    with pytest.raises(UsageError, match="--question"):
         zoom_image(SHAPES, "the circle", then="vqa")
+    # through the console script: one line naming the verb, exit status 2 for a usage error
+    assert main(["zoom", SHAPES, "the circle", "--then", "vqa"]) == 2
