@@ -67,7 +67,7 @@ FOUND_THRESHOLD = 0.162  # found when found_score >= this
 AMBIGUOUS_THRESHOLD = 0.099  # ambiguous when found and ambiguity_score >= this
 CANDIDATE_BEAMS = 16  # upper-left cells tried by the candidate search (at least 2 x candidates)
 CANDIDATE_IOU = 0.5  # candidates overlapping a better one this much are the same object
-ZOOM_MARGIN = 0.5  # crop margin on each side, as a fraction of the box's width / height
+ZOOM_MARGIN = 1.0  # crop margin on each side, a fraction of the box's width / height (docs/TRUST.md)
 
 
 def default_model_dir() -> Path:
