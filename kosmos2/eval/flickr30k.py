@@ -542,12 +542,19 @@ def write_grounding_report(
     out_dir: Path, result: dict[str, Any], records: Sequence[dict], samples: int, load: Any = None
 ) -> None:
     """metrics.json, records.jsonl, report.md, the plots and the sample sheet of a phrase-grounding run."""
-    result["past_threshold"] = metrics.threshold_metrics(
-        [r["ious"]["1"] for r in records],
-        [r.get("score_first") for r in records],
-        [r["predicted"][0] if r["predicted"] else None for r in records],
-        [r["truth"] for r in records],
-    )
+    by_split: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_split[r["split"]].append(r)
+    # per split: the first box and its score (None: unscored) past one IoU threshold
+    result["past_threshold"] = {
+        split: metrics.threshold_metrics(
+            [r["ious"]["1"] for r in rs],
+            [r.get("score_first") for r in rs],
+            [r["predicted"][0] if r["predicted"] else None for r in rs],
+            [r["truth"] for r in rs],
+        )
+        for split, rs in by_split.items()
+    }
     report.write_json(out_dir / "metrics.json", result)
     report.write_jsonl(out_dir / "records.jsonl", records)
     md = [
@@ -630,9 +637,10 @@ def write_grounding_report(
             report.image_link(sheet, out_dir, "samples"),
             "",
         ]
-    md += report.threshold_section(
-        result["past_threshold"], out_dir, "grounding", "Phrase grounding, first box"
-    )
+    for split, summary in result["past_threshold"].items():
+        md += report.threshold_section(
+            summary, out_dir, f"threshold_{report.slug(split)}", f"Phrase grounding {split}, first box"
+        )
     atomic_write_text(out_dir / "report.md", "\n".join(md))
 
 
