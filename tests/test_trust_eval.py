@@ -47,6 +47,19 @@ def test_absent_queries_fit_nothing_and_ambiguous_ones_fit_exactly_two(split):
             assert s["target"].count("<patch_index_") == 4
 
 
+def test_a_training_mixture_can_draw_the_new_kinds():
+    from kosmos2.predictor import default_model_dir
+    from kosmos2.tokenizer import Kosmos2Tokenizer
+
+    stream = world.iter_samples(seed=3, mixture={"rec_absent": 1, "rec_ambiguous": 1})
+    samples = [next(stream) for _ in range(20)]
+    assert {s["task"] for s in samples} == {"rec_absent", "rec_ambiguous"}
+    tok = Kosmos2Tokenizer.from_pretrained(default_model_dir())
+    absent = next(s for s in samples if s["task"] == "rec_absent")
+    ids, _, learned = tok.encode_for_training(absent["prompt"], absent["target"], learn_prompt=False)
+    assert [t for t, m in zip(ids, learned, strict=True) if m] == [tok.eos_id]  # "not here": stop at once
+
+
 def test_the_default_sets_and_splits_keep_their_queries():
     # the new kinds are asked for by name only: the default evaluation set has the old tasks
     assert {s["task"] for s in world.make_eval_set("test", 2)} == set(world.TASKS)
