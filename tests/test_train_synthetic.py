@@ -1119,8 +1119,8 @@ def test_forward_shared_equals_each_sample_in_its_own_row():
 
 
 def test_the_default_recipe_exports_the_shipped_generation_config_byte_for_byte():
-    # the shipped folder (kosmos2/assets/default) is the reference: its generation_config.json states the decoding
-    # and the tasks the default model knows; an export of the default recipe must write those bytes again
+    # the shipped folder (kosmos2/assets/default) is the reference: its generation_config.json states the
+    # decoding and the tasks the default model knows; an export of the default recipe must write those bytes again
     from kosmos2.train.export import generation_json
     from kosmos2.train.recipes.synthetic import generation_settings
 
