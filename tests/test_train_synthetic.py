@@ -1120,10 +1120,11 @@ def test_forward_shared_equals_each_sample_in_its_own_row():
 
 def test_the_default_recipe_exports_the_shipped_generation_config_byte_for_byte():
     # the shipped folder (kosmos2/assets/default) is the reference: its generation_config.json states the
-    # decoding and the tasks the default model knows; an export of the default recipe must write those bytes again
+    # decoding and the tasks the default model knows; an export of the default recipe must write those bytes
     from kosmos2.train.export import generation_json
     from kosmos2.train.recipes.synthetic import generation_settings
 
-    shipped = (Path(__file__).parents[1] / "kosmos2" / "assets" / "default" / "generation_config.json").read_bytes()
+    asset = Path(__file__).parents[1] / "kosmos2" / "assets" / "default"
+    shipped = (asset / "generation_config.json").read_bytes()
     written = generation_json(generation_settings(W.get_recipe("default"))).encode()
     assert written == shipped

@@ -48,7 +48,8 @@ TOKENIZER_DIR = "tokenizer"
 
 def generation_settings(recipe: Recipe) -> dict[str, Any]:
     """The exported generation_config.json's settings: the world's decoding, and the tasks the model was
-    trained on (predictor.TASKS_KEY, in the world's order), which the predictor and the CLI hold prompts to."""
+    trained on (predictor.TASKS_KEY, in the world's order), which the predictor and the CLI check prompts
+    against."""
     from kosmos2.data.synthetic import TASKS
 
     # the world's decoding where it departs from the official settings (greedy, length penalty 1.0 are theirs)
