@@ -1116,3 +1116,15 @@ def test_forward_shared_equals_each_sample_in_its_own_row():
     again = shared_prefix.forward_shared(decoder, prefix, embeds, prefix_mask, samples)
     for a, b in zip([shared, *hidden], [again[0], *again[1]], strict=True):
         assert (a - b.detach()).abs().max() <= 1e-6
+
+
+def test_the_default_recipe_exports_the_shipped_generation_config_byte_for_byte():
+    # the shipped folder (kosmos2/assets/default) is the reference: its generation_config.json states the
+    # decoding and the tasks the default model knows; an export of the default recipe must write those bytes
+    from kosmos2.train.export import generation_json
+    from kosmos2.train.recipes.synthetic import generation_settings
+
+    asset = Path(__file__).parents[1] / "kosmos2" / "assets" / "default"
+    shipped = (asset / "generation_config.json").read_bytes()
+    written = generation_json(generation_settings(W.get_recipe("default"))).encode()
+    assert written == shipped
