@@ -117,7 +117,6 @@ def test_summarize_trust_fits_on_calibration_and_measures_on_test():
     assert s["rec"]["accuracy"] == 0.5 and s["rec"]["n"] == 2
 
 
-@pytest.mark.slow
 def test_trust_records_resume_from_their_cache(tmp_path):
     from kosmos2 import Predictor
 
