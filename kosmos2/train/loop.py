@@ -251,7 +251,10 @@ def fit(
                 best = _evaluate(task, config, out, plain, ema, step, best, log if me.main else None)
             if step % config.checkpoint_every == 0 or step == end:
                 # with FSDP every process takes part in gathering the whole weights and optimizer state
-                weights = {k: _full(v) for k, v in model.state_dict().items()} if sharded else None
+                whole = _gathered(model) if sharded else model.state_dict()
+                head_state = None
+                if heads is not None:
+                    head_state = _gathered(heads) if sharded else heads.state_dict()
                 opt = _sharded_optimizer_state(objective, optimizer) if sharded else None
                 if me.main:
                     state = {
@@ -260,8 +263,8 @@ def fit(
                         "elapsed": elapsed,
                         "tokens": tokens_seen,
                         "config": config.to_dict(),
-                        "model": weights if sharded else model.state_dict(),
-                        "heads": heads.state_dict() if heads is not None else None,
+                        "model": whole,
+                        "heads": head_state,
                         "ema": ema,
                         "optimizer": opt if sharded else optimizer.state_dict(),
                         "rng": _rng_state(),
@@ -315,10 +318,16 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def _gathered(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict of an FSDP-sharded module, on the CPU, one tensor gathered at a time (every
+    process calls it)."""
+    return {k: _full(v).detach().cpu() for k, v in module.state_dict().items()}
+
+
 def _plain(model: torch.nn.Module, template: torch.nn.Module) -> torch.nn.Module | None:
     """An unsharded copy of the FSDP-sharded `model` on the CPU, from `template` (`shard`): every process
     gathers, the main process gets the copy (others None)."""
-    weights = {k: _full(v).detach().cpu() for k, v in model.state_dict().items()}
+    weights = _gathered(model)
     if not distributed.current().main:
         return None
     import copy
