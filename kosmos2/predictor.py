@@ -4,7 +4,7 @@
     r = p.ground("photo.jpg")                           # "<grounding>An image of" -> GroundingResult
     r.caption, [(e.phrase, e.pixel_boxes) for e in r.entities]
     p.locate("photo.jpg", "the red ball")               # REC: the first generated box is the answer
-    p.describe_region("photo.jpg", (10, 20, 200, 180))  # box in, text out
+    p.describe_region("photo.jpg", (10, 20, 200, 180))  # box in (pixels; units="normalized" for [0, 1])
 
 Every task of SPEC §1 is a prompt plus decoding settings; all go through `ground`, which batches lists
 (left padding, one image encoding per image) and parses the output with `kosmos2.grounding`. The CLI, the
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from kosmos2 import grounding
+from kosmos2.errors import UnsupportedTaskError, UsageError, UserError
 from kosmos2.generate import GenerationConfig, encode_images, generate, stream
 from kosmos2.image import image_size, load_image, preprocess
 
@@ -32,6 +34,22 @@ DEFAULT_MODEL_ENV = "KOSMOS2_MODEL"  # a checkpoint directory to use when none i
 PROMPT_BRIEF = "<grounding>An image of"
 PROMPT_DETAILED = "<grounding>Describe this image in detail:"
 PROMPT_PLAIN = "An image of"
+
+# The tasks of SPEC §1 by name. A model folder states the ones its model was trained for in
+# generation_config.json, `"kosmos2_tasks": [...]` (transformers keeps unknown keys there); a model that does
+# not say (the official weights) is taken to know them all. The task helpers refuse the others.
+TASKS = (
+    "grounded_caption",  # <grounding>An image of
+    "detailed_caption",  # <grounding>Describe this image in detail:
+    "caption",  # An image of (plain, beam 5)
+    "rec",  # <grounding><phrase>{expression}</phrase>
+    "phrase_grounding",  # <grounding>{caption before it} <phrase>{phrase}</phrase>
+    "reg",  # <phrase> It</phrase><object>{box}</object> is
+    "grounded_vqa",  # <grounding> Question: {q} Answer:
+    "vqa",  # Question: {q} Answer:
+)
+TASKS_KEY = "kosmos2_tasks"
+BOX_UNITS = ("pixels", "normalized")  # describe_region's units
 
 
 def default_model_dir() -> Path:
@@ -45,12 +63,37 @@ def generation_defaults(directory: Path, tokenizer) -> GenerationConfig:
     `generation_config.json` for the options `GenerationConfig` knows (as transformers' `generate` does)."""
     known = {f for f in GenerationConfig.__dataclass_fields__} - {"eos_token_id", "pad_token_id", "seed"}
     path = directory / "generation_config.json"
-    given = json.loads(path.read_text()) if path.is_file() else {}
+    given = _read_json(path)
     if not isinstance(given, dict):
         raise ValueError(f"{path}: expected a JSON object of generation settings")
     options = {k: v for k, v in given.items() if k in known}
     base = GenerationConfig(eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     return GenerationConfig.from_kwargs(base, **options)
+
+
+def model_tasks(directory: Path) -> frozenset[str] | None:
+    """The tasks a model folder says its model was trained for (`kosmos2_tasks` in generation_config.json),
+    or None when it does not say."""
+    path = directory / "generation_config.json"
+    given = _read_json(path)
+    if not isinstance(given, dict) or TASKS_KEY not in given:
+        return None
+    tasks = given[TASKS_KEY]
+    if not isinstance(tasks, list) or not all(isinstance(t, str) and t in TASKS for t in tasks):
+        raise ValueError(
+            f"{path}: {TASKS_KEY} must be a list of task names from {list(TASKS)}, got {tasks!r}"
+        )
+    return frozenset(tasks)
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON in `path` ({} when there is no file), or a ValueError naming the file."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 @dataclass
@@ -105,7 +148,14 @@ def _as_list(x: Any) -> tuple[list[Any], bool]:
 class Predictor:
     """A loaded model + tokenizer + decoding defaults; stateless between calls."""
 
-    def __init__(self, model, tokenizer, generation: GenerationConfig | None = None, batch_size: int = 8):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        generation: GenerationConfig | None = None,
+        batch_size: int = 8,
+        tasks: Sequence[str] | None = None,
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.generation = generation or GenerationConfig(
@@ -116,6 +166,9 @@ class Predictor:
         self.image_resolution = cfg.vision.image_size
         self.num_image_tokens = cfg.latent_query_num
         self.grid = grounding.GRID
+        # the tasks the model was trained for (None: not stated, every task is tried); see TASKS
+        self.tasks: frozenset[str] | None = None if tasks is None else frozenset(tasks)
+        self.source = "this model"  # named in messages; from_pretrained sets the directory
 
     @classmethod
     def from_pretrained(
@@ -134,6 +187,17 @@ class Predictor:
         from kosmos2.tokenizer import Kosmos2Tokenizer
 
         directory = Path(path) if path is not None else default_model_dir()
+        from_env = path is None and bool(os.environ.get(DEFAULT_MODEL_ENV))
+        if from_env:  # every problem of this directory is reported as one of the variable
+            try:
+                return cls.from_pretrained(directory, dtype=dtype, device=device, batch_size=batch_size)
+            except (OSError, ValueError) as e:
+                message = f"${DEFAULT_MODEL_ENV}={str(directory)!r}: {e}"
+                try:
+                    named = type(e)(message)
+                except TypeError:  # an exception type with other constructor arguments (JSONDecodeError)
+                    named = OSError(message) if isinstance(e, OSError) else ValueError(message)
+                raise named from e
         if not directory.is_dir():
             hint = (
                 "pass the directory of a Kosmos-2 checkpoint in the Hugging Face layout"
@@ -141,7 +205,9 @@ class Predictor:
                 else f"the built-in default model is missing from the installation; set ${DEFAULT_MODEL_ENV} "
                 "or pass a checkpoint directory"
             )
-            raise FileNotFoundError(f"model directory {str(directory)!r} does not exist: {hint}")
+            what = "is a file, not a directory" if directory.exists() else "does not exist"
+            raise FileNotFoundError(f"model directory {str(directory)!r} {what}: {hint}")
+        _check_device(device)
         if isinstance(dtype, str):
             names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16}
             names["bf16"] = torch.bfloat16
@@ -155,11 +221,31 @@ class Predictor:
                 f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding "
                 f"only {model.config.text.vocab_size}; the tokenizer files do not belong to these weights"
             )
-        return cls(model, tokenizer, generation_defaults(directory, tokenizer), batch_size=batch_size)
+        predictor = cls(
+            model, tokenizer, generation_defaults(directory, tokenizer), batch_size, model_tasks(directory)
+        )
+        predictor.source = str(directory)
+        return predictor
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def supports(self, task: str) -> bool:
+        """Whether the model was trained for `task` (one of TASKS); True when the model does not say."""
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; the tasks are {list(TASKS)}")
+        return self.tasks is None or task in self.tasks
+
+    def check_task(self, task: str) -> None:
+        """Raise UnsupportedTaskError if the model states its tasks and `task` is not among them."""
+        if not self.supports(task):
+            raise UnsupportedTaskError(
+                f"{self.source} was not trained for {task} (its generation_config.json lists {TASKS_KEY}: "
+                f"{', '.join(t for t in TASKS if t in self.tasks)}); its output would be meaningless. Use a "
+                f"model trained for it (the official weights know every task), or call ground() with the "
+                f"prompt yourself to try anyway"
+            )
 
     # -- building blocks ----------------------------------------------------------------------------------
 
@@ -215,6 +301,7 @@ class Predictor:
         for p in prompt_list:
             if not isinstance(p, str):
                 raise TypeError(f"prompts must be str, got {type(p).__name__}")
+            grounding.check_prompt(p, self.grid, self.tokenizer.token_to_id)  # PromptError: what and where
         cfg = self._options(defaults, options)
         results: list[GroundingResult] = []
         for start in range(0, len(image_list), self.batch_size):
@@ -276,6 +363,7 @@ class Predictor:
 
     def caption(self, images: Any, detailed: bool = False, grounded: bool = True, **options: Any):
         """Brief or detailed caption, grounded (greedy) or plain (beam 5, as the official evaluation)."""
+        self.check_task("caption" if not grounded else "detailed_caption" if detailed else "grounded_caption")
         if not grounded:
             return self._run(images, PROMPT_PLAIN, {"num_beams": 5}, options)
         prompt = PROMPT_DETAILED if detailed else PROMPT_BRIEF
@@ -284,6 +372,7 @@ class Predictor:
     def locate(self, images: Any, expressions: str | Sequence[str], **options: Any):
         """Referring expression comprehension: `<grounding><phrase>{expression}</phrase>`; the answer is the
         first generated box (`result.boxes_for(expression)[0]`, or `result.entities[0]`)."""
+        self.check_task("rec")
         exprs = [expressions] if isinstance(expressions, str) else list(expressions)
         prompts = [
             f"{grounding.GROUNDING}{grounding.PHRASE_START}{e.strip()}{grounding.PHRASE_END}" for e in exprs
@@ -301,6 +390,7 @@ class Predictor:
         prompt is `<grounding>{caption before it} <phrase>{phrase}</phrase>`; returns one list of normalised
         boxes per phrase (empty when the model gave none).
         """
+        self.check_task("phrase_grounding")
         prompts, names = [], []
         for ph in phrases:
             if isinstance(ph, str):
@@ -325,30 +415,100 @@ class Predictor:
         results = self._run([image] * len(prompts), prompts, {"max_new_tokens": 24}, options)
         return [r.boxes_for(n) for r, n in zip(results, names, strict=True)]
 
-    def describe_region(self, images: Any, box: Sequence[float], normalized: bool = False, **options: Any):
+    def describe_region(
+        self,
+        images: Any,
+        box: Sequence[float],
+        units: str = "pixels",
+        normalized: bool | None = None,
+        **options: Any,
+    ):
         """Box in, text out: `<phrase> It</phrase><object>{box}</object> is` (SPEC §1).
 
-        `box` is (x1, y1, x2, y2) in pixels of the original image, or in [0, 1] with normalized=True.
+        box: (x1, y1, x2, y2). units: "pixels" (the default) for pixels of the original image, as
+        supervision's `Detections.xyxy`, detectors and this predictor's `pixel_boxes` give them; "normalized"
+        for coordinates in [0, 1], as transformers' `Kosmos2Processor(bboxes=...)` and `EntityResult.boxes`
+        take them. `normalized=True/False` is the older spelling of units. A box outside the image, empty or
+        inverted is refused in the units given; a pixel box whose coordinates are all <= 1 (less than a pixel
+        wide: almost certainly normalised) gets a warning.
         """
+        self.check_task("reg")
+        if normalized is not None:
+            units = "normalized" if normalized else "pixels"
+        if units not in BOX_UNITS:
+            raise ValueError(f"units={units!r}: say how the box is measured, one of {BOX_UNITS}")
         image_list, batched = _as_list(images)
         image_list = [load_image(im) for im in image_list]  # decoded once: its size and its pixels
-        prompts = []
-        for im in image_list:
-            b = tuple(float(v) for v in box)
-            if not normalized:
-                b = grounding.box_to_normalized(b, *image_size(im))
-            prompts.append(
-                f"{grounding.PHRASE_START} It{grounding.PHRASE_END}{grounding.object_markup([b])} is"
-            )
+        prompts = [
+            f"{grounding.PHRASE_START} It{grounding.PHRASE_END}"
+            f"{grounding.object_markup([_region(box, units, image_size(im))])} is"
+            for im in image_list
+        ]
         return self._run(
             image_list if batched else image_list[0], prompts if batched else prompts[0], {}, options
         )
 
     def vqa(self, images: Any, question: str, grounded: bool = False, **options: Any):
         """`Question: {q} Answer:` (or `<grounding> Question: ...`), greedy; `result.answer` is the answer."""
+        self.check_task("grounded_vqa" if grounded else "vqa")
         prompt = (
             f"{grounding.GROUNDING} Question: {question.strip()} Answer:"
             if grounded
             else (f"Question: {question.strip()} Answer:")
         )
         return self._run(images, prompt, {"max_new_tokens": 24}, options)
+
+
+def _region(box: Sequence[float], units: str, size: tuple[int, int]) -> grounding.Box:
+    """`describe_region`'s box checked in the caller's units, then normalised."""
+    W, H = size
+    try:
+        x1, y1, x2, y2 = grounding._finite_box(box)
+    except ValueError as e:
+        raise ValueError(f"describe_region: {e}") from None
+    shown = f"({x1:g}, {y1:g}, {x2:g}, {y2:g})"
+    if not (x2 > x1 and y2 > y1):
+        raise ValueError(
+            f"box {shown} ({units}) is empty or inverted: need x2 > x1 and y2 > y1, corners "
+            "(x1, y1, x2, y2), not (x, y, width, height)"
+        )
+    if units == "normalized":
+        tol = grounding.BOX_TOLERANCE
+        if not all(-tol <= v <= 1 + tol for v in (x1, y1, x2, y2)):
+            raise ValueError(
+                f"box {shown} has coordinates outside [0, 1], but units='normalized'; for a box in pixels of "
+                f"the {W}x{H} image pass units='pixels'"
+            )
+        return x1, y1, x2, y2
+    tx, ty = grounding.BOX_TOLERANCE * W, grounding.BOX_TOLERANCE * H  # pixel rounding of a detector
+    outside = [
+        f"{n} = {v:g} {'<' if v < low else '>'} {low if v < low else high}"
+        for n, v, low, high in (("x1", x1, -tx, W + tx), ("y1", y1, -ty, H + ty), ("x2", x2, -tx, W + tx))
+        + (("y2", y2, -ty, H + ty),)
+        if not low <= v <= high
+    ]
+    if outside:
+        raise ValueError(
+            f"box {shown} (pixels) reaches outside the {W}x{H} image ({', '.join(outside)}); pass a box "
+            "inside the image, in pixels of the original image"
+        )
+    if max(x1, y1, x2, y2) <= 1.0 and min(W, H) > 4:
+        warnings.warn(
+            f"box {shown} is read as pixels (units='pixels'), but every coordinate is <= 1: a box under one "
+            f"pixel on the {W}x{H} image; if it is normalised to [0, 1], pass units='normalized'",
+            UserWarning,
+            stacklevel=3,
+        )
+    return grounding.box_to_normalized((x1, y1, x2, y2), W, H)
+
+
+def _check_device(device: torch.device | str) -> None:
+    """Refuse a device this machine lacks with a message, before any weights move."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UsageError(f"device {device!r} is not a torch device ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r}: CUDA is not available on this machine; use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")

@@ -1146,3 +1146,15 @@ def test_a_run_evaluates_on_the_world_and_keeps_the_best(tmp_path):
     best = L.load_checkpoint(out / L.CHECKPOINT_FILE)["best"]
     assert best["metric"] == "grounded_caption_r" and best["step"] in (2, 4)
     assert Predictor.from_pretrained(out / L.BEST_DIR).num_image_tokens == 64
+
+
+def test_the_default_recipe_exports_the_shipped_generation_config_byte_for_byte():
+    # the shipped folder (kosmos2/assets/default) is the reference: its generation_config.json states the
+    # decoding and the tasks the default model knows; an export of the default recipe must write those bytes
+    from kosmos2.train.export import generation_json
+    from kosmos2.train.recipes.synthetic import generation_settings
+
+    asset = Path(__file__).parents[1] / "kosmos2" / "assets" / "default"
+    shipped = (asset / "generation_config.json").read_bytes()
+    written = generation_json(generation_settings(W.get_recipe("default"))).encode()
+    assert written == shipped

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import torch
 
 from kosmos2.eval.synthetic import GENERATION
+from kosmos2.predictor import TASKS_KEY
 from kosmos2.train import distributed
 from kosmos2.train.config import TrainConfig, with_overrides
 from kosmos2.train.loop import TrainTask, fit
@@ -43,6 +44,17 @@ if TYPE_CHECKING:
     from kosmos2.tokenizer import Kosmos2Tokenizer
 
 TOKENIZER_DIR = "tokenizer"
+
+
+def generation_settings(recipe: Recipe) -> dict[str, Any]:
+    """The exported generation_config.json's settings: the world's decoding, and the tasks the model was
+    trained on (predictor.TASKS_KEY, in the world's order), which the predictor and the CLI check prompts
+    against."""
+    from kosmos2.data.synthetic import TASKS
+
+    # the world's decoding where it departs from the official settings (greedy, length penalty 1.0 are theirs)
+    decoding = {k: GENERATION[k] for k in ("max_new_tokens", "no_repeat_ngram_size")}
+    return {**decoding, TASKS_KEY: [t for t in TASKS if recipe.mixture.get(t, 0) > 0]}
 
 
 def _default_mixture() -> dict[str, float]:
@@ -322,6 +334,7 @@ def train(
     batches = SyntheticBatches(
         recipe, tokenizer_dir, config.vision.image_size, config.latent_query_num, grid, tokenizer
     )
+    generation = generation_settings(recipe)
 
     def evaluate(model: Kosmos2, step: int) -> dict[str, float]:
         from kosmos2.predictor import Predictor
@@ -335,7 +348,7 @@ def train(
         heads=head,
         weight=lambda b: b.loss_tokens,
         describe=lambda b: {"rows": len(b.tasks), "tokens": b.tokens},
-        export=lambda m, d: export(m, tokenizer, d, recipe.export_dtype, GENERATION),
+        export=lambda m, d: export(m, tokenizer, d, recipe.export_dtype, generation),
         evaluate=evaluate,
     )
     kwargs = {"progress": progress, "progress_stream": progress_stream, "device": device}
