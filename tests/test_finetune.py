@@ -169,6 +169,28 @@ def test_finetune_writes_the_hf_layout_logs_and_resumes_exactly(tiny_checkpoint_
         finetune(_cfg(tiny_checkpoint_dir, _spec(coco_dir), lr=5e-4), tmp_path / "b", progress=False)
 
 
+def test_time_budget_stops_at_a_step_evaluates_exports_and_decays_the_lr(
+    tiny_checkpoint_dir, coco_dir, tmp_path
+):
+    torch.set_num_threads(1)
+    out = tmp_path / "timed"
+    cfg = _cfg(tiny_checkpoint_dir, _spec(coco_dir), steps=50, eval_every=40, max_minutes=1e-9)
+    result = finetune(cfg, out, progress=False)
+    events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [e for e in events if "loss" in e]
+    # the budget is spent during step 1: the run ends there, with the LR already decayed to its floor
+    assert [e["step"] for e in steps] == [1] and steps[0]["lr"] == 0.0
+    assert [e["step"] for e in events if e.get("event") == "time budget spent"] == [1]
+    assert result["last"]["step"] == 1 and (out / "model" / "model.safetensors").is_file()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1
+    # the same command again: nothing left to train, nothing changes
+    before = _weights(out)
+    finetune(cfg, out, progress=False)
+    assert [json.loads(line).get("step") for line in (out / "log.jsonl").read_text().splitlines()][-1] == 1
+    for name, value in _weights(out).items():
+        assert torch.equal(value, before[name]), name
+
+
 def test_frozen_vision_and_connector_stay_as_they_were(tiny_checkpoint_dir, coco_dir, tmp_path):
     frozen = ("vision_model", "image_to_text_projection")
     cfg = _cfg(

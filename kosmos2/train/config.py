@@ -69,6 +69,10 @@ class TrainConfig:
     eval_every: int = 0  # run the recipe's evaluation every N steps and at the end (0: never)
     best_metric: str = ""  # keep the model with the highest value of this evaluation metric in OUT/best
     export_dtype: str = "bfloat16"  # dtype of the exported model's weights
+    # wall-clock budget in minutes (0: none): the run stops at the first step boundary after it (evaluated,
+    # checkpointed, exported as a last step), and the LR schedule follows time or steps, whichever is
+    # further along, so its decay ends when the time does
+    max_minutes: float = 0.0
 
     def validate(self: C) -> C:
         for name in ("steps", "checkpoint_every", "log_every", "grad_accum"):
@@ -94,6 +98,8 @@ class TrainConfig:
             raise ValueError(f"freeze must list parameter name prefixes, got {self.freeze!r}")
         if self.fsdp and (self.optimizer != "adamw" or self.ema_decay > 0):
             raise ValueError("fsdp trains with AdamW and no moving average; set optimizer=adamw, ema_decay=0")
+        if not self.max_minutes >= 0:
+            raise ValueError(f"max_minutes must be >= 0 (0: no time limit), got {self.max_minutes!r}")
         if self.export_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"export_dtype {self.export_dtype!r}: use float32, bfloat16 or float16")
         return self

@@ -349,7 +349,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for flag, kind in (("steps", int), ("batch_size", int), ("grad_accum", int), ("warmup", int),
                        ("eval_every", int), ("eval_limit", int), ("save_every", int), ("seed", int),
                        ("lora_rank", int), ("lr", float), ("weight_decay", float), ("clip", float),
-                       ("lora_alpha", float), ("lora_dropout", float)):  # fmt: skip
+                       ("lora_alpha", float), ("lora_dropout", float), ("max_minutes", float)):  # fmt: skip
         field = RENAMED.get(flag, flag)
         p.add_argument("--" + flag.replace("_", "-"), dest=field, type=kind, default=getattr(d, field))
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights")

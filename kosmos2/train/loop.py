@@ -143,7 +143,7 @@ def fit(
     ema = None
     if config.ema_decay > 0:
         ema = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
-    step, elapsed, tokens_seen, best = 0, 0.0, 0, None
+    step, elapsed, tokens_seen, best, wall = 0, 0.0, 0, None, 0.0
     if state is not None:
         if ema is not None:
             ema = {k: v.to(device) for k, v in state["ema"].items()}
@@ -153,12 +153,16 @@ def fit(
             optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
         step, elapsed, tokens_seen = state["step"], state["elapsed"], state["tokens"]
+        wall = state.get("wall", elapsed)
         best = state.get("best")
         del state
     else:
         torch.manual_seed(config.seed + 1)  # dropout's stream, independent of the initialisation's
 
     end = config.steps if stop_after is None else min(config.steps, stop_after)
+    clock = Budget(config.max_minutes * 60, wall, me.world, device)
+    if step and clock.spent():  # resumed after the time ran out: nothing left to train
+        end = step
     bar = Progress(config.steps, step, progress_stream) if progress and me.main and step < end else None
     parts = me.world * config.grad_accum
     make = StepBatches(task.batches, [j * me.world + me.rank for j in range(config.grad_accum)], parts)
@@ -207,12 +211,17 @@ def fit(
             if me.world > 1:
                 logged = distributed.sum_dict(logged, device)
             grad_norm = _full(torch.nn.utils.clip_grad_norm_(params, config.grad_clip)).item()
-            optimizer.set_lr(lr_factor(step, config))
+            optimizer.set_lr(lr_factor(max(step, clock.fraction() * config.steps), config))
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             if ema is not None:
                 update_ema(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
             step += 1
+            if clock.spent():  # out of time: this step is the last (evaluated, checkpointed, exported)
+                end = step
+                if me.main:
+                    record = {"step": step, "event": "time budget spent", "wall_s": round(clock.now(), 1)}
+                    log.write(json.dumps(record) + "\n")
             dt = time.monotonic() - t0
             elapsed += dt
             counts: dict[str, float] = {}
@@ -245,7 +254,7 @@ def fit(
             if (
                 task.evaluate is not None
                 and config.eval_every
-                and (step % config.eval_every == 0 or step == config.steps)
+                and (step % config.eval_every == 0 or step == config.steps or clock.out)
             ):
                 plain = _plain(model, template) if sharded else model
                 best = _evaluate(task, config, out, plain, ema, step, best, log if me.main else None)
@@ -261,6 +270,7 @@ def fit(
                         "format": CHECKPOINT_FORMAT,
                         "step": step,
                         "elapsed": elapsed,
+                        "wall": clock.now(),
                         "tokens": tokens_seen,
                         "config": config.to_dict(),
                         "model": whole,
@@ -274,7 +284,7 @@ def fit(
                     del state
                 distributed.barrier()
     model_dir = out / MODEL_DIR
-    if step >= config.steps:
+    if step >= config.steps or clock.out:
         if ema is not None:  # the checkpoint keeps the last step's weights; the export is the average
             model.load_state_dict(ema, strict=False)
         exported = _plain(model, template) if sharded else model
@@ -282,6 +292,33 @@ def fit(
             task.export(exported, model_dir)
         distributed.barrier()
     return model_dir
+
+
+class Budget:
+    """The wall-clock budget `config.max_minutes` (0: none), counted from the run's start across resumes.
+    `fraction()` (time used / budget, the same on every process) lets the LR schedule finish its decay when
+    time runs out before `config.steps`; `spent()` (agreed by all processes) ends the run at a step
+    boundary, which is then evaluated, checkpointed and exported like a last step."""
+
+    def __init__(self, seconds: float, already: float, world: int, device: torch.device) -> None:
+        self.seconds, self.world, self.device = seconds, world, device
+        self.start = time.monotonic() - already
+        self.out = False
+
+    def now(self) -> float:
+        return time.monotonic() - self.start
+
+    def fraction(self) -> float:
+        if self.seconds <= 0:
+            return 0.0
+        (total,) = distributed.all_reduce_sum([self.now() / self.seconds], self.device)
+        return min(total / self.world, 1.0)
+
+    def spent(self) -> bool:
+        if self.seconds > 0 and not self.out:
+            (late,) = distributed.all_reduce_sum([float(self.now() >= self.seconds)], self.device)
+            self.out = late > 0
+        return self.out
 
 
 class Objective(torch.nn.Module):
