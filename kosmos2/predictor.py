@@ -57,6 +57,9 @@ TASKS = (
     "grounded_vqa",  # <grounding> Question: {q} Answer:
     "vqa",  # Question: {q} Answer:
 )
+# REC prompts with no fitting object (answered `</s>`) or two (both boxes in one `<object>`): a model trained
+# on them says so in kosmos2_tasks, and `locate` then reads "not found" and "another one" from its REC answer
+QUERY_TASKS = ("rec_absent", "rec_ambiguous")
 TASKS_KEY = "kosmos2_tasks"
 BOX_UNITS = ("pixels", "normalized")  # describe_region's units
 
@@ -97,9 +100,10 @@ def model_tasks(directory: Path) -> frozenset[str] | None:
     if not isinstance(given, dict) or TASKS_KEY not in given:
         return None
     tasks = given[TASKS_KEY]
-    if not isinstance(tasks, list) or not all(isinstance(t, str) and t in TASKS for t in tasks):
+    names = TASKS + QUERY_TASKS
+    if not isinstance(tasks, list) or not all(isinstance(t, str) and t in names for t in tasks):
         raise ValueError(
-            f"{path}: {TASKS_KEY} must be a list of task names from {list(TASKS)}, got {tasks!r}"
+            f"{path}: {TASKS_KEY} must be a list of task names from {list(names)}, got {tasks!r}"
         )
     return frozenset(tasks)
 
@@ -198,6 +202,12 @@ class Candidate:
     logp_lr: float
 
 
+def _add_distinct(distinct: list[Candidate], candidate: Candidate) -> None:
+    """Append `candidate` unless it overlaps one already there with IoU >= CANDIDATE_IOU (the same object)."""
+    if all(grounding.iou(candidate.box, d.box) < CANDIDATE_IOU for d in distinct):
+        distinct.append(candidate)
+
+
 @dataclass
 class LocateResult(GroundingResult):
     """A REC result (`Predictor.locate`): the greedy answer as before, plus what to trust about it.
@@ -212,11 +222,19 @@ class LocateResult(GroundingResult):
     expression: str = ""
     found: bool | None = None
     ambiguous: bool | None = None
-    # p(" yes") / (p(" yes") + p(" no")) to "Is there <expression>?"; None (and found, ambiguous None) for a
-    # model that states it was not trained for plain VQA
+    # the signal behind `found`: signals["object"] for a model trained on absent queries (rec_absent in its
+    # kosmos2_tasks), else signals["exists"]; None (and found, ambiguous None) when it has neither
     found_score: float | None = None
-    ambiguity_score: float | None = None  # score of the second candidate / score of the first
+    # the signal behind `ambiguous`: signals["another"] for a model trained on ambiguous queries
+    # (rec_ambiguous), else signals["second_ratio"]
+    ambiguity_score: float | None = None
     candidates: list[Candidate] = field(default_factory=list)
+    # every signal computed, by name (docs/TRUST.md): "exists" p(" yes") / (p(" yes") + p(" no")) to "Is
+    # there <expression>?" (models trained for plain VQA); "object" p(<object> | prompt), the REC answer
+    # going on to a box rather than ending; "second_ratio" score of the second candidate / score of the
+    # first (0 with one); "another" (models trained on ambiguous queries) p(delimiter) / (p(delimiter) +
+    # p(</object>)) after the first candidate's box: the answer going on to a second box
+    signals: dict[str, float] = field(default_factory=dict)
 
     @property
     def box(self) -> grounding.Box | None:
@@ -347,9 +365,12 @@ class Predictor:
         return next(self.model.parameters()).device
 
     def supports(self, task: str) -> bool:
-        """Whether the model was trained for `task` (one of TASKS); True when the model does not say."""
+        """Whether the model was trained for `task` (one of TASKS, or QUERY_TASKS); True when the model does
+        not say (for QUERY_TASKS: False, the official weights were not trained on them)."""
+        if task in QUERY_TASKS:
+            return self.tasks is not None and task in self.tasks
         if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; the tasks are {list(TASKS)}")
+            raise ValueError(f"unknown task {task!r}; the tasks are {list(TASKS + QUERY_TASKS)}")
         return self.tasks is None or task in self.tasks
 
     def check_task(self, task: str) -> None:
@@ -598,29 +619,44 @@ class Predictor:
                 self.grid,
                 beams,
             )
-            # the found question is plain VQA: a model not trained for it gives no found score (found None)
-            found_scores: list[float | None] = (
+            # the found question is plain VQA: a model not trained for it gives no "exists" signal
+            exists = (
                 self._exists(embeds, [_question_words(r.prompt) for r in chunk])
                 if self.supports("vqa")
+                else [None] * len(chunk)
+            )
+            # a model trained on ambiguous queries says whether a second box follows the first candidate's
+            another = (
+                self._another(embeds, [r.prompt for r in chunk], [found[i][0] for i in range(len(chunk))])
+                if self.supports("rec_ambiguous")
                 else [None] * len(chunk)
             )
             for i, r in enumerate(chunk):
                 W, H = r.image_size
                 distinct: list[Candidate] = []
-                for c in found[i]:
+                for j, c in enumerate(found[i]):
                     box = grounding.tokens_to_box(c.ul, c.lr, self.grid)
-                    if all(grounding.iou(box, d.box) < CANDIDATE_IOU for d in distinct):
-                        distinct.append(
-                            Candidate(
-                                box,
-                                grounding.box_to_pixels(box, W, H),
-                                math.exp(c.logp / 2),
-                                c.logp_ul,
-                                c.logp_lr,
-                            )
-                        )
-                ambiguity = distinct[1].score / distinct[0].score if len(distinct) > 1 else 0.0
-                is_found = None if found_scores[i] is None else found_scores[i] >= self.found_threshold
+                    pixels = grounding.box_to_pixels(box, W, H)
+                    _add_distinct(
+                        distinct, Candidate(box, pixels, math.exp(c.logp / 2), c.logp_ul, c.logp_lr)
+                    )
+                    if j == 0 and self.supports("rec_ambiguous"):
+                        # the answer's own further boxes come next: what it wrote after the delimiter (their
+                        # location tokens follow a box, not `<object>`: no logp_ul / logp_lr of that search)
+                        for e in r.entities[:1]:
+                            for k in range(1, len(e.boxes)):
+                                score = e.scores[k] if k < len(e.scores) and e.scores[k] is not None else 0.0
+                                other = Candidate(e.boxes[k], e.pixel_boxes[k], score, math.nan, math.nan)
+                                _add_distinct(distinct, other)
+                ratio = distinct[1].score / distinct[0].score if len(distinct) > 1 else 0.0
+                signals = {"second_ratio": ratio, "object": math.exp(object_logp[i])}
+                if exists[i] is not None:
+                    signals["exists"] = exists[i]
+                if another[i] is not None:
+                    signals["another"] = another[i]
+                found_score = signals.get("object" if self.supports("rec_absent") else "exists")
+                ambiguity = signals["another" if self.supports("rec_ambiguous") else "second_ratio"]
+                is_found = None if found_score is None else found_score >= self.found_threshold
                 chunk[i] = LocateResult(
                     **{f: getattr(r, f) for f in GroundingResult.__dataclass_fields__},
                     expression=_question_words(r.prompt, article=False),
@@ -628,9 +664,10 @@ class Predictor:
                     ambiguous=None
                     if is_found is None
                     else is_found and ambiguity >= self.ambiguous_threshold,
-                    found_score=found_scores[i],
+                    found_score=found_score,
                     ambiguity_score=ambiguity,
                     candidates=distinct[:candidates],
+                    signals=signals,
                 )
 
         return self._run(
@@ -698,7 +735,25 @@ class Predictor:
     def _exists(self, embeds: torch.Tensor, things: list[str]) -> list[float]:
         """p(" yes") / (p(" yes") + p(" no")) as the answer to `Question: Is there {thing}? Answer:`."""
         tok = self.tokenizer
-        prompts = [f"Question: Is there {t}? Answer:" for t in things]
+        logp = self._next_logp(embeds, [f"Question: Is there {t}? Answer:" for t in things])
+        yes, no = tok.encode("yes")[0], tok.encode("no")[0]
+        return torch.sigmoid(logp[:, yes] - logp[:, no]).tolist()
+
+    def _another(self, embeds: torch.Tensor, prompts: list[str], firsts: list[Any]) -> list[float]:
+        """p(delimiter) / (p(delimiter) + p(</object>)) after `{prompt}<object>{ul}{lr}` (each row's first
+        candidate): whether the REC answer goes on to a second box."""
+        tok = self.tokenizer
+        texts = [
+            f"{p}{grounding.OBJECT_START}{grounding.patch_token(c.ul)}{grounding.patch_token(c.lr)}"
+            for p, c in zip(prompts, firsts, strict=True)
+        ]
+        logp = self._next_logp(embeds, texts)
+        more, end = tok.token_to_id(grounding.DELIMITER), tok.token_to_id(grounding.OBJECT_END)
+        return torch.sigmoid(logp[:, more] - logp[:, end]).tolist()
+
+    def _next_logp(self, embeds: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """log p(next token | image, prompt) for each prompt [B,V] (one prefill)."""
+        tok = self.tokenizer
         batch = {
             k: v.to(self.device)
             for k, v in tok.batch_encode(prompts, num_image_tokens=self.num_image_tokens).items()
@@ -712,9 +767,7 @@ class Predictor:
             batch["input_ids"].shape[1] + 1,
         )
         self.model.clear_cache()
-        logp = torch.log_softmax(logits, dim=-1)
-        yes, no = tok.encode("yes")[0], tok.encode("no")[0]
-        return torch.sigmoid(logp[:, yes] - logp[:, no]).tolist()
+        return torch.log_softmax(logits, dim=-1)
 
     def ground_phrases(
         self, image: Any, caption: str, phrases: Sequence[str | tuple[int, int]], **options: Any
