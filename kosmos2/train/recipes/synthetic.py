@@ -186,7 +186,8 @@ RECIPES: dict[str, Callable[[], Recipe]] = {
     # where two fit) at 0.15 each, the other tasks scaled to keep their shares among themselves; the image
     # encoder and connector frozen (what the decoder reads stays as trained; a cheaper step), the slot
     # read-out off (it trains the ViT), a fifth of the default's peak learning rates with a short warm-up,
-    # the moving average shorter (0.98); the scenes of seed 1, not the ones the default run saw
+    # the moving average shorter (0.98); the scenes of seed 1, not the ones the default run saw. Tried, not
+    # shipped: in 120 steps it cost REC 18 points and caption recall a point (docs/TRUST.md)
     "trust": lambda: Recipe(
         init_from=str(Path(__file__).parents[2] / "assets" / "default"),
         steps=120,
