@@ -94,6 +94,69 @@ class GroundingResult:
         return d
 
 
+@dataclass
+class StreamEvent:
+    """One event of `Predictor.stream` (and of the server's streams, which use the same `StreamDecoder`).
+
+    kind "text":   `text` is the next readable piece of the caption (markup removed). Joined in order, the
+                   pieces equal the final `result.caption`; the first is the prompt's own text, if any.
+    kind "entity": `entity` has just closed (its `</object>` arrived); its span indexes the caption, whose
+                   text up to the span's end has already been sent.
+    kind "done":   the last event; `result` is the whole `GroundingResult`, equal to what `ground` returns.
+    """
+
+    kind: str
+    text: str = ""
+    entity: EntityResult | None = None
+    result: GroundingResult | None = None
+
+    def __str__(self) -> str:  # `print(event, end="")` prints the readable text
+        return self.text
+
+
+class StreamDecoder:
+    """Generated token ids in, `StreamEvent`s out: `start()`, then `feed(id)` per token (without `</s>`),
+    then `finish()`. Each step re-parses prompt + continuation with `grounding.parse`, so the pieces and
+    entities are exactly those of the final result."""
+
+    def __init__(self, predictor: Predictor, prompt: str, size: tuple[int, int]):
+        self.predictor, self.prompt, self.size = predictor, prompt, size
+        self.ids: list[int] = []
+        self._prompt_ids = predictor.tokenizer.encode(prompt.strip())
+        self._sent = ""  # caption text sent so far
+        self._entities = 0  # entities sent so far
+
+    def start(self) -> list[StreamEvent]:
+        """The prompt's readable text (and any entity the prompt closes by itself)."""
+        return self._events()
+
+    def feed(self, token_id: int) -> list[StreamEvent]:
+        self.ids.append(int(token_id))
+        return self._events()
+
+    def finish(self) -> list[StreamEvent]:
+        """What is left (held-back text) and the "done" event with the whole result."""
+        result = self.predictor._result(self.prompt, self.ids, self.size)
+        events = self._events(final=True)
+        return [*events, StreamEvent("done", result=result)]
+
+    def _events(self, final: bool = False) -> list[StreamEvent]:
+        text = self.predictor.tokenizer.decode(self._prompt_ids + self.ids)
+        if text.endswith("\ufffd") and not final:  # wait for a whole UTF-8 character
+            return []
+        parsed = grounding.parse(text)
+        events = []
+        if parsed.caption.startswith(self._sent) and len(parsed.caption) > len(self._sent):
+            events.append(StreamEvent("text", text=parsed.caption[len(self._sent) :]))
+            self._sent = parsed.caption
+        W, H = self.size
+        for e in parsed.entities[self._entities :]:
+            pixel = [grounding.box_to_pixels(b, W, H) for b in e.boxes]
+            events.append(StreamEvent("entity", entity=EntityResult(e.phrase, e.span, e.boxes, pixel)))
+        self._entities = len(parsed.entities)
+        return events
+
+
 def _as_list(x: Any) -> tuple[list[Any], bool]:
     if isinstance(x, (list, tuple)) and not (
         len(x) == 4 and all(isinstance(v, (int, float)) for v in x)  # a box, not a batch
@@ -241,24 +304,30 @@ class Predictor:
         index = [order[id(im)] for im in images]
         return embeds[index], [sizes[i] for i in index]
 
-    def stream(self, image: Any, prompt: str = PROMPT_BRIEF, **options: Any) -> Iterator[str]:
-        """Yield the continuation's text piece by piece as it is generated (greedy or sampling)."""
+    def stream(self, image: Any, prompt: str = PROMPT_BRIEF, **options: Any) -> Iterator[StreamEvent]:
+        """Generate for one image, yielding `StreamEvent`s as the text grows (greedy or sampling).
+
+        "text" events carry readable pieces (markup removed) whose concatenation is the result's caption (the
+        first piece is the prompt's own text, if it has any); an "entity" event comes when a phrase's
+        `</object>` arrives; the last event, "done", carries the whole `GroundingResult`, as `ground` gives it:
+
+            for event in p.stream("photo.jpg"):
+                print(event.text, end="", flush=True)
+        """
         cfg = self._options({}, options)
-        embeds, _ = self.encode_images([image])
-        batch = {k: v.to(self.device) for k, v in self.tokenizer.batch_encode([prompt]).items()}
-        ids: list[int] = []
-        sent = ""
+        embeds, sizes = self.encode_images([image])
+        batch = self.tokenizer.batch_encode([prompt], num_image_tokens=self.num_image_tokens)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        decoder = StreamDecoder(self, prompt, sizes[0])
+        yield from decoder.start()
         for tokens, _finished in stream(
             self.model, batch["input_ids"], batch["attention_mask"], embeds, batch["image_mask"], cfg
         ):
             t = int(tokens[0])
             if t == cfg.eos_token_id:
                 break
-            ids.append(t)
-            text = self.tokenizer.decode(ids)
-            if len(text) > len(sent) and not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
-                yield text[len(sent) :]
-                sent = text
+            yield from decoder.feed(t)
+        yield from decoder.finish()
 
     @torch.no_grad()
     def logits(self, image: Any, text: str) -> torch.Tensor:
