@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "kosmos2.train",  # train
     "kosmos2.data.grit_cli",  # grit build
     "kosmos2.eval.cli",  # eval refcoco | flickr30k | synthetic
+    "kosmos2.server.cli",  # serve
 ]
 
 
