@@ -241,31 +241,27 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
     async def validation_error(request: Request, e: RequestValidationError):
         return await api_error(request, _validation_error(e.errors()))
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        route = request.url.path
-        try:
-            if route.startswith("/v1/") and config.api_key:
-                given = request.headers.get("authorization", "")
-                if not secrets.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
-                    raise ApiError(
-                        401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'", None,
-                        "invalid_api_key",
-                    )
-            size = request.headers.get("content-length")
-            if size is not None and size.isdigit() and int(size) > limits.max_body_bytes:
-                raise ApiError(
-                    413,
-                    f"request body is {int(size):,} bytes; this server's max_body_bytes is {limits.max_body_bytes:,}",
-                    None,
-                    "max_body_bytes",
+    def check(scope) -> ApiError | None:
+        """Auth and the declared body size, before the route reads anything."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if scope["path"].startswith("/v1/") and config.api_key:
+            given = headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
+                return ApiError(
+                    401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'", None,
+                    "invalid_api_key",
                 )
-            response = await call_next(request)
-        except ApiError as e:
-            response = await api_error(request, e)
-        if route.startswith("/v1/"):
-            metrics.requests.labels(route, str(response.status_code)).inc()
-        return response
+        size = headers.get("content-length", "")
+        if size.isdigit() and int(size) > limits.max_body_bytes:
+            return ApiError(
+                413,
+                f"request body is {int(size):,} bytes; this server's max_body_bytes is {limits.max_body_bytes:,}",
+                None,
+                "max_body_bytes",
+            )
+        return None
+
+    app.add_middleware(_Guard, check=check, metrics=metrics, retry_after=config.retry_after_s)
 
     async def read_body(request: Request) -> tuple[dict[str, Any], bytes | None]:
         """A JSON or multipart body as a dict, and an uploaded image file's bytes (if one came)."""
@@ -357,14 +353,20 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
         return job, events
 
     async def events_of(request: Request, job: Job, events: asyncio.Queue, watch: bool):
-        """The job's (kind, payload) pairs until it ends; `watch`: cancel it if the client goes away."""
+        """The job's (kind, payload) pairs until it ends; `watch`: cancel it if the client goes away (checked
+        every 0.25 s; a streaming response learns it from Starlette, which cancels the stream)."""
+        checked = time.monotonic()
         while True:
             try:
                 kind, payload = await asyncio.wait_for(events.get(), timeout=0.25 if watch else None)
             except TimeoutError:
+                kind = None
+            if watch and time.monotonic() - checked >= 0.25:
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     job.cancelled.set()
                     return
+            if kind is None:
                 continue
             yield kind, payload
             if kind in ("finish", "error"):
@@ -617,6 +619,34 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
+
+
+class _Guard:
+    """Pure ASGI middleware (it leaves streaming and disconnect detection alone): refuses a request that
+    `check` rejects, and counts the answers of /v1/ routes by status."""
+
+    def __init__(self, app, check, metrics: Metrics, retry_after: int):
+        self.app, self.check, self.metrics, self.retry_after = app, check, metrics, retry_after
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        status = [0]
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        error = self.check(scope)
+        if error is not None:
+            await JSONResponse(error.body(), status_code=error.status)(scope, receive, counted)
+        else:
+            await self.app(scope, receive, counted)
+        if path.startswith("/v1/") and status[0]:
+            self.metrics.requests.labels(path, str(status[0])).inc()
+
 
 
 def _validation_error(errors: list[dict]) -> ApiError:
