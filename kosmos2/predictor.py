@@ -309,7 +309,7 @@ class Predictor:
 
         "text" events carry readable pieces (markup removed) whose concatenation is the result's caption (the
         first piece is the prompt's own text, if it has any); an "entity" event comes when a phrase's
-        `</object>` arrives; the last event, "done", carries the whole `GroundingResult`, as `ground` gives it:
+        `</object>` arrives; the last event, "done", carries the whole `GroundingResult` (as from `ground`):
 
             for event in p.stream("photo.jpg"):
                 print(event.text, end="", flush=True)

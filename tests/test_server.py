@@ -34,8 +34,18 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 @pytest.fixture(scope="module")
 def server():
     s = Server(
-        "--api-key", API_KEY, "--max-batch", "8", "--max-queue", "64", "--max-new-tokens", "128",
-        "--max-image-pixels", "2000000", "--max-body-mb", "2",
+        "--api-key",
+        API_KEY,
+        "--max-batch",
+        "8",
+        "--max-queue",
+        "64",
+        "--max-new-tokens",
+        "128",
+        "--max-image-pixels",
+        "2000000",
+        "--max-body-mb",
+        "2",
     )
     yield s
     s.stop()
@@ -43,7 +53,9 @@ def server():
 
 @pytest.fixture(scope="module")
 def busy_server(tiny_checkpoint_dir):
-    s = Server("--model", str(tiny_checkpoint_dir), "--max-batch", "2", "--max-queue", "2", "--allow-remote-images")
+    s = Server(
+        "--model", str(tiny_checkpoint_dir), "--max-batch", "2", "--max-queue", "2", "--allow-remote-images"
+    )
     yield s
     s.stop()
 
@@ -101,7 +113,9 @@ def test_native_endpoints_answer_as_the_predictor_alone(client, predictor):
     assert body["image_size"] == [W, H] and body["finish_reason"] == "stop"
     assert set(body["timings"]) == {"queue_ms", "generate_ms", "total_ms"}
     # /v1/locate with a multipart upload
-    r = client.post("/v1/locate", files={"image": ("s.png", raw, "image/png")}, data={"expression": "the orange circle"})
+    r = client.post(
+        "/v1/locate", files={"image": ("s.png", raw, "image/png")}, data={"expression": "the orange circle"}
+    )
     assert r.status_code == 200, r.text
     expected = predictor.locate(image, "the orange circle")
     assert r.json()["text"] == expected.text and r.json()["entities"][0]["phrase"] == "the orange circle"
@@ -120,7 +134,9 @@ def test_native_endpoints_answer_as_the_predictor_alone(client, predictor):
     )
     assert r.status_code == 200, r.text and r.json()["answer"] == expected.answer
     # /v1/vqa, grounded
-    r = client.post("/v1/vqa", json={"image": b64(raw), "question": "what is the orange shape?", "grounded": True})
+    r = client.post(
+        "/v1/vqa", json={"image": b64(raw), "question": "what is the orange shape?", "grounded": True}
+    )
     assert r.status_code == 200, r.text
     expected = predictor.vqa(image, "what is the orange shape?", grounded=True)
     assert r.json()["text"] == expected.text
@@ -163,7 +179,7 @@ def test_openai_client_models_chat_and_stream(server, predictor):
     assert message.content == content and r.choices[0].finish_reason == "stop"
     entities = message.entities  # the extra field, passed through by the client
     same_entities(entities, expected.entities, offset=len(expected.caption) - len(content))
-    assert all(content[a:b] == e["phrase"] for e, (a, b) in zip(entities, [e["span"] for e in entities]))
+    assert all(content[slice(*e["span"])] == e["phrase"] for e in entities)
     assert message.grounded_text == expected.text
     assert r.usage.completion_tokens == len(expected.token_ids)  # </s> not counted
 
@@ -179,12 +195,25 @@ def test_openai_client_models_chat_and_stream(server, predictor):
         streamed += (delta.model_extra or {}).get("entities") or []
         reasons.append(chunk.choices[0].finish_reason)
     assert "".join(pieces) == content and len(pieces) > 5  # it came in pieces
-    assert streamed == entities and reasons[-1] == "stop" and usage.completion_tokens == r.usage.completion_tokens
+    assert (
+        streamed == entities
+        and reasons[-1] == "stop"
+        and usage.completion_tokens == r.usage.completion_tokens
+    )
 
     # a question, sampled with a seed: repeatable, and equal to the predictor's sampling with that seed
-    ask = [{"role": "user", "content": [{"type": "text", "text": "what is the orange shape?"}, messages[0]["content"][0]]}]
-    a = client.chat.completions.create(model="kosmos2-default", messages=ask, temperature=0.7, top_p=0.9, seed=3)
-    alone = predictor.vqa(image, "what is the orange shape?", grounded=True, do_sample=True, temperature=0.7, top_p=0.9, seed=3)
+    ask = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "what is the orange shape?"}, messages[0]["content"][0]],
+        }
+    ]
+    a = client.chat.completions.create(
+        model="kosmos2-default", messages=ask, temperature=0.7, top_p=0.9, seed=3
+    )
+    alone = predictor.vqa(
+        image, "what is the orange shape?", grounded=True, do_sample=True, temperature=0.7, top_p=0.9, seed=3
+    )
     assert a.choices[0].message.grounded_text == alone.text
 
 
@@ -197,12 +226,16 @@ def test_chat_box_asks_for_a_region_description(server, predictor):
     expected = predictor.describe_region(image, box).answer
     assert expected == "the large orange circle"
     as_part = [image_part, {"type": "box", "box": box}]
-    r = client.chat.completions.create(model="kosmos2-default", messages=[{"role": "user", "content": as_part}])
+    r = client.chat.completions.create(
+        model="kosmos2-default", messages=[{"role": "user", "content": as_part}]
+    )
     assert r.choices[0].message.content == expected
     # the box as Kosmos-2 markup in the text (cells 428 and 852: the same box on the 32x32 grid)
     markup = "<object><patch_index_0428><patch_index_0852></object>"
     as_text = [image_part, {"type": "text", "text": f"What is this? {markup}"}]
-    r = client.chat.completions.create(model="kosmos2-default", messages=[{"role": "user", "content": as_text}])
+    r = client.chat.completions.create(
+        model="kosmos2-default", messages=[{"role": "user", "content": as_text}]
+    )
     assert r.choices[0].message.content == expected
 
 
@@ -214,13 +247,28 @@ def test_eight_concurrent_requests_each_get_the_output_they_get_alone(client, pr
     requests = [  # (endpoint, body fields, the predictor's answer alone)
         ("ground", {}, lambda im: predictor.ground(im)),
         ("locate", {"expression": "the orange circle"}, lambda im: predictor.locate(im, "the orange circle")),
-        ("vqa", {"question": "what is the blue shape?", "grounded": True},
-         lambda im: predictor.vqa(im, "what is the blue shape?", grounded=True)),
-        ("describe", {"box": [10, 10, 120, 120]}, lambda im: predictor.describe_region(im, [10, 10, 120, 120])),
+        (
+            "vqa",
+            {"question": "what is the blue shape?", "grounded": True},
+            lambda im: predictor.vqa(im, "what is the blue shape?", grounded=True),
+        ),
+        (
+            "describe",
+            {"box": [10, 10, 120, 120]},
+            lambda im: predictor.describe_region(im, [10, 10, 120, 120]),
+        ),
         ("ground", {"max_new_tokens": 9}, lambda im: predictor.ground(im, max_new_tokens=9)),
-        ("ground", {"prompt": "<grounding>An image of a large"}, lambda im: predictor.ground(im, "<grounding>An image of a large")),
+        (
+            "ground",
+            {"prompt": "<grounding>An image of a large"},
+            lambda im: predictor.ground(im, "<grounding>An image of a large"),
+        ),
         ("locate", {"expression": "the blue square"}, lambda im: predictor.locate(im, "the blue square")),
-        ("ground", {"temperature": 0.8, "seed": 11}, lambda im: predictor.ground(im, do_sample=True, temperature=0.8, seed=11)),
+        (
+            "ground",
+            {"temperature": 0.8, "seed": 11},
+            lambda im: predictor.ground(im, do_sample=True, temperature=0.8, seed=11),
+        ),
     ]
     alone = [answer(im) for (_, _, answer), im in zip(requests, images, strict=True)]
     before = client.get("/metrics").text
@@ -242,7 +290,9 @@ def test_eight_concurrent_requests_each_get_the_output_they_get_alone(client, pr
     # they ran together: decode steps with more than one row happened during these requests
     after = client.get("/metrics").text
     steps = metric(after, "kosmos2_batch_size_count") - metric(before, "kosmos2_batch_size_count")
-    single = metric(after, 'kosmos2_batch_size_bucket{le="1.0"}') - metric(before, 'kosmos2_batch_size_bucket{le="1.0"}')
+    single = metric(after, 'kosmos2_batch_size_bucket{le="1.0"}') - metric(
+        before, 'kosmos2_batch_size_bucket{le="1.0"}'
+    )
     assert single < steps / 2, (single, steps)
 
 
@@ -256,21 +306,91 @@ def test_malformed_requests_get_a_4xx_naming_the_problem(client, server):
         ("post", "/v1/ground", {"json": {"image": "not base64!"}}, 400, "not valid base64"),
         ("post", "/v1/ground", {"json": {"image": b64(b"hello, not an image")}}, 400, "image"),
         ("post", "/v1/ground", {"json": {"image": b64(huge)}}, 413, "max_image_pixels"),
-        ("post", "/v1/ground", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+        (
+            "post",
+            "/v1/ground",
+            {"content": b"{not json", "headers": {"content-type": "application/json"}},
+            400,
+            "not valid JSON",
+        ),
         ("post", "/v1/ground", {"json": {"image": b64(raw), "colour": "red"}}, 422, "unknown field 'colour'"),
-        ("post", "/v1/ground", {"json": {"image": b64(raw), "max_new_tokens": 4096}}, 400, "max_new_tokens=128"),
+        (
+            "post",
+            "/v1/ground",
+            {"json": {"image": b64(raw), "max_new_tokens": 4096}},
+            400,
+            "max_new_tokens=128",
+        ),
         ("post", "/v1/ground", {"json": {"prompt": "x"}}, 422, "missing field 'image'"),
         ("post", "/v1/ground", {"json": {"image": b64(raw), "top_p": 3}}, 422, "top_p"),
-        ("post", "/v1/ground", {"content": b"x" * (3 * 1024 * 1024), "headers": {"content-type": "application/json"}}, 413, "max_body_bytes"),
-        ("post", "/v1/describe", {"json": {"image": b64(raw), "box": [0, 0, 9999, 50]}}, 400, "outside the 392x262 image"),
-        ("post", "/v1/ground", {"json": {"image": "https://example.com/a.png"}}, 400, "--allow-remote-images"),
-        ("post", "/v1/ground", {"json": {"image": b64(raw)}, "headers": {"Authorization": "Bearer wrong"}}, 401, "API key"),
+        (
+            "post",
+            "/v1/ground",
+            {"content": b"x" * (3 * 1024 * 1024), "headers": {"content-type": "application/json"}},
+            413,
+            "max_body_bytes",
+        ),
+        (
+            "post",
+            "/v1/describe",
+            {"json": {"image": b64(raw), "box": [0, 0, 9999, 50]}},
+            400,
+            "outside the 392x262 image",
+        ),
+        (
+            "post",
+            "/v1/ground",
+            {"json": {"image": "https://example.com/a.png"}},
+            400,
+            "--allow-remote-images",
+        ),
+        (
+            "post",
+            "/v1/ground",
+            {"json": {"image": b64(raw)}, "headers": {"Authorization": "Bearer wrong"}},
+            401,
+            "API key",
+        ),
         ("get", "/v1/models", {"headers": {"Authorization": ""}}, 401, "API key"),
-        ("post", "/v1/chat/completions", {"json": {"model": "kosmos2-default", "messages": [{"role": "user", "content": "hi"}]}}, 400, "0 images"),
-        ("post", "/v1/chat/completions", {"json": {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}}, 404, "gpt-4o"),
-        ("post", "/v1/chat/completions", {"json": {"model": "kosmos2-default", "messages": [], "tools": []}}, 422, "unknown field 'tools'"),
-        ("post", "/v1/chat/completions", {"json": {"model": "kosmos2-default", "max_tokens": 999, "messages": [
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(raw)}}]}]}}, 400, "max_tokens=999"),
+        (
+            "post",
+            "/v1/chat/completions",
+            {"json": {"model": "kosmos2-default", "messages": [{"role": "user", "content": "hi"}]}},
+            400,
+            "0 images",
+        ),
+        (
+            "post",
+            "/v1/chat/completions",
+            {"json": {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}},
+            404,
+            "gpt-4o",
+        ),
+        (
+            "post",
+            "/v1/chat/completions",
+            {"json": {"model": "kosmos2-default", "messages": [], "tools": []}},
+            422,
+            "unknown field 'tools'",
+        ),
+        (
+            "post",
+            "/v1/chat/completions",
+            {
+                "json": {
+                    "model": "kosmos2-default",
+                    "max_tokens": 999,
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [{"type": "image_url", "image_url": {"url": data_url(raw)}}],
+                        }
+                    ],
+                }
+            },
+            400,
+            "max_tokens=999",
+        ),
     ]
     for method, path, kwargs, status, words in cases:
         r = getattr(client, method)(path, **kwargs)
@@ -279,7 +399,10 @@ def test_malformed_requests_get_a_4xx_naming_the_problem(client, server):
         assert words in error["message"], (words, error)
         assert "\n" not in error["message"] and "Traceback" not in r.text
     assert server.alive()
-    assert client.post("/v1/locate", json={"image": b64(raw), "expression": "the blue square"}).status_code == 200
+    assert (
+        client.post("/v1/locate", json={"image": b64(raw), "expression": "the blue square"}).status_code
+        == 200
+    )
 
 
 def test_docs_health_and_metrics(client):
@@ -292,8 +415,14 @@ def test_docs_health_and_metrics(client):
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["max_batch"] == 8 and health["max_queue"] == 64
     text = client.get("/metrics").text
-    for name in ("kosmos2_queue_depth", "kosmos2_batch_size_bucket", "kosmos2_request_latency_seconds_bucket",
-                 "kosmos2_tokens_per_second", "kosmos2_generated_tokens_total", "kosmos2_rejected_total"):
+    for name in (
+        "kosmos2_queue_depth",
+        "kosmos2_batch_size_bucket",
+        "kosmos2_request_latency_seconds_bucket",
+        "kosmos2_tokens_per_second",
+        "kosmos2_generated_tokens_total",
+        "kosmos2_rejected_total",
+    ):
         assert name in text, name
 
 
@@ -348,7 +477,9 @@ def test_client_disconnect_stops_its_generation(busy_server):
     before, tokens_before = cancelled(), tokens()
     # a stream left after its first events (256 tokens would take ~1.5 s)
     with httpx.Client(base_url=busy_server.url, timeout=60) as c:
-        with c.stream("POST", "/v1/ground", json={"image": image, "max_new_tokens": 256, "stream": True}) as r:
+        with c.stream(
+            "POST", "/v1/ground", json={"image": image, "max_new_tokens": 256, "stream": True}
+        ) as r:
             for line in r.iter_lines():
                 if line.startswith("event: text"):
                     break
@@ -369,9 +500,13 @@ def test_remote_images_only_when_allowed(busy_server):
     threading.Thread(target=files.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{files.server_address[1]}/{SHAPES.name}"
-        fetched = httpx.post(busy_server.url + "/v1/ground", json={"image": url, "max_new_tokens": 5}, timeout=60)
+        fetched = httpx.post(
+            busy_server.url + "/v1/ground", json={"image": url, "max_new_tokens": 5}, timeout=60
+        )
         sent = httpx.post(
-            busy_server.url + "/v1/ground", json={"image": b64(SHAPES.read_bytes()), "max_new_tokens": 5}, timeout=60
+            busy_server.url + "/v1/ground",
+            json={"image": b64(SHAPES.read_bytes()), "max_new_tokens": 5},
+            timeout=60,
         )
         assert fetched.status_code == 200, fetched.text
         assert fetched.json()["text"] == sent.json()["text"] and fetched.json()["image_size"] == [392, 262]

@@ -18,7 +18,9 @@ from PIL import Image
 from kosmos2.predictor import Predictor
 
 CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="no browser: Debian's chromium is missing")
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="no browser: Debian's chromium is missing"
+)
 SCREENSHOT = Path(os.environ.get("KOSMOS2_SCREENSHOT_DIR", tempfile.gettempdir())) / "kosmos2-demo.png"
 
 
@@ -36,8 +38,13 @@ def test_demo_grounds_an_upload_and_describes_a_drawn_box(tmp_path):
                 executable_path=CHROMIUM,
                 headless=True,
                 args=[
-                    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
                 ],
                 viewport={"width": 1280, "height": 800},
                 accept_downloads=True,
@@ -51,13 +58,17 @@ def test_demo_grounds_an_upload_and_describes_a_drawn_box(tmp_path):
             # 1. grounded caption
             page.select_option("#task", "ground")
             page.click("#run")
-            page.wait_for_function("document.getElementById('status').textContent.startsWith('Done')", timeout=30000)
+            page.wait_for_function(
+                "document.getElementById('status').textContent.startsWith('Done')", timeout=30000
+            )
             assert page.inner_text("#output") == expected.caption
             phrases = page.locator("#output .phrase")
             assert phrases.all_inner_texts() == [e.phrase for e in expected.entities]
             boxes = page.locator("#overlay rect.box")
             assert boxes.count() == 3
-            for i, e in enumerate(expected.entities):  # box i where the predictor put it, in its phrase's colour
+            for i, e in enumerate(
+                expected.entities
+            ):  # box i where the predictor put it, in its phrase's colour
                 box = page.locator(f'#overlay rect.box[data-entity="{i}"]')
                 x, y = float(box.get_attribute("x")), float(box.get_attribute("y"))
                 assert (x, y) == pytest.approx(e.pixel_boxes[0][:2], abs=0.01)
@@ -90,7 +101,9 @@ def test_demo_grounds_an_upload_and_describes_a_drawn_box(tmp_path):
             page.mouse.up()
             assert page.locator("#overlay rect.user-box").count() == 1
             page.click("#run")
-            page.wait_for_function("document.getElementById('status').textContent.startsWith('Done')", timeout=30000)
+            page.wait_for_function(
+                "document.getElementById('status').textContent.startsWith('Done')", timeout=30000
+            )
             assert page.inner_text("#output").endswith("the large orange circle")
             page.screenshot(path=str(SCREENSHOT), full_page=True)
             assert not errors, errors

@@ -96,7 +96,9 @@ class VQARequest(Options):
 
 class EntityOut(BaseModel):
     phrase: str
-    span: tuple[int, int] | None = Field(description="[start, end) in caption (chat: in content; null: in the prompt)")
+    span: tuple[int, int] | None = Field(
+        description="[start, end) in caption (chat: in content; null: in the prompt)"
+    )
     boxes: list[tuple[float, float, float, float]] = Field(description="normalised x1, y1, x2, y2")
     pixel_boxes: list[tuple[float, float, float, float]] = Field(description="pixels of the original image")
     score: float | None = None
@@ -168,16 +170,20 @@ def task_prompt(endpoint: str, **k: Any) -> tuple[str, dict[str, Any]]:
             "caption": (PROMPT_PLAIN, {"num_beams": 5}),
         }[kind]
     if endpoint == "locate":
-        return f"{grounding.GROUNDING}{grounding.PHRASE_START}{k['expression'].strip()}{grounding.PHRASE_END}", {
-            "max_new_tokens": 24
-        }
+        return (
+            f"{grounding.GROUNDING}{grounding.PHRASE_START}{k['expression'].strip()}{grounding.PHRASE_END}",
+            {"max_new_tokens": 24},
+        )
     if endpoint == "describe":
-        return f"{grounding.PHRASE_START} It{grounding.PHRASE_END}{grounding.object_markup([k['box']])} is", {}
+        return (
+            f"{grounding.PHRASE_START} It{grounding.PHRASE_END}{grounding.object_markup([k['box']])} is",
+            {},
+        )
     if endpoint == "vqa":
         q = k["question"].strip()
-        return (f"{grounding.GROUNDING} Question: {q} Answer:" if k.get("grounded") else f"Question: {q} Answer:"), {
-            "max_new_tokens": 24
-        }
+        return (
+            f"{grounding.GROUNDING} Question: {q} Answer:" if k.get("grounded") else f"Question: {q} Answer:"
+        ), {"max_new_tokens": 24}
     raise ValueError(endpoint)
 
 
@@ -248,14 +254,17 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
             given = headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
                 return ApiError(
-                    401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'", None,
+                    401,
+                    "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                    None,
                     "invalid_api_key",
                 )
         size = headers.get("content-length", "")
         if size.isdigit() and int(size) > limits.max_body_bytes:
             return ApiError(
                 413,
-                f"request body is {int(size):,} bytes; this server's max_body_bytes is {limits.max_body_bytes:,}",
+                f"request body is {int(size):,} bytes; this server's max_body_bytes is "
+                f"{limits.max_body_bytes:,}",
                 None,
                 "max_body_bytes",
             )
@@ -270,8 +279,10 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
             body += chunk
             if len(body) > limits.max_body_bytes:
                 raise ApiError(
-                    413, f"request body is over this server's max_body_bytes of {limits.max_body_bytes:,}",
-                    None, "max_body_bytes",
+                    413,
+                    f"request body is over this server's max_body_bytes of {limits.max_body_bytes:,}",
+                    None,
+                    "max_body_bytes",
                 )
         kind = request.headers.get("content-type", "")
         if kind.startswith("multipart/form-data"):
@@ -289,9 +300,13 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
         try:
             data = json.loads(body)
         except ValueError as e:
-            raise ApiError(400, f"request body is not valid JSON ({e}); send a JSON object", None, "bad_json") from None
+            raise ApiError(
+                400, f"request body is not valid JSON ({e}); send a JSON object", None, "bad_json"
+            ) from None
         if not isinstance(data, dict):
-            raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}", None, "bad_json")
+            raise ApiError(
+                400, f"request body must be a JSON object, got {type(data).__name__}", None, "bad_json"
+            )
         return data, None
 
     # -- one generation -----------------------------------------------------------------------------------
@@ -337,7 +352,9 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
             )
         return cfg
 
-    async def submit(request: Request, prompt: str, image, cfg: GenerationConfig) -> tuple[Job, asyncio.Queue]:
+    async def submit(
+        request: Request, prompt: str, image, cfg: GenerationConfig
+    ) -> tuple[Job, asyncio.Queue]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -349,7 +366,9 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
             engine.submit(job)
         except QueueFull as e:
             metrics.rejected.inc()
-            raise ApiError(503, f"server busy: {e}; retry after {config.retry_after_s} s", None, "queue_full") from None
+            raise ApiError(
+                503, f"server busy: {e}; retry after {config.retry_after_s} s", None, "queue_full"
+            ) from None
         return job, events
 
     async def events_of(request: Request, job: Job, events: asyncio.Queue, watch: bool):
@@ -376,7 +395,9 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
         if upload is not None:
             raw = upload
         else:
-            raw = await run_in_threadpool(image_bytes, data.get("image"), "image", config.allow_remote_images, limits)
+            raw = await run_in_threadpool(
+                image_bytes, data.get("image"), "image", config.allow_remote_images, limits
+            )
         return await run_in_threadpool(decode_image, raw, "image", limits)
 
     async def native(request: Request, task: str, model: type[Options]) -> Any:
@@ -417,7 +438,11 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
                 "image_size": list(result.image_size),
                 "finish_reason": info["reason"],
                 "usage": {"completion_tokens": info["completion_tokens"]},
-                "timings": {"queue_ms": info["queue_ms"], "generate_ms": info["generate_ms"], "total_ms": total},
+                "timings": {
+                    "queue_ms": info["queue_ms"],
+                    "generate_ms": info["generate_ms"],
+                    "total_ms": total,
+                },
             }
 
         if o.stream:
@@ -442,7 +467,9 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
                     if not done:
                         job.cancelled.set()  # the client went away: stop its generation
 
-            return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
 
         result = None
         async for kind, payload in events_of(request, job, events, watch=True):
@@ -466,7 +493,10 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
             "openapi_extra": {
                 "requestBody": {
                     "required": True,
-                    "content": {"application/json": {"schema": schema}, "multipart/form-data": {"schema": form}},
+                    "content": {
+                        "application/json": {"schema": schema},
+                        "multipart/form-data": {"schema": form},
+                    },
                 }
             },
         }
@@ -501,10 +531,15 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
         t0 = time.monotonic()
         if body.model != config.model_name:
             raise ApiError(
-                404, f"model {body.model!r} is not served here; this server serves {config.model_name!r} (GET /v1/models)",
-                "model", "model_not_found",
+                404,
+                f"model {body.model!r} is not served here; this server serves {config.model_name!r} "
+                "(GET /v1/models)",
+                "model",
+                "model_not_found",
             )
-        prompt, raw, box = await run_in_threadpool(_chat_input, body.messages, config.allow_remote_images, limits)
+        prompt, raw, box = await run_in_threadpool(
+            _chat_input, body.messages, config.allow_remote_images, limits
+        )
         image = await run_in_threadpool(decode_image, raw, "messages.image_url", limits)
         if box is not None:
             b, normalized = box
@@ -513,7 +548,9 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
         cfg = generation({}, body, max_tokens, prompt)
         job, events = await submit(request, prompt, image, cfg)
         cid, name = f"chatcmpl-{uuid.uuid4().hex}", config.model_name
-        prompt_tokens = len(predictor.tokenizer.encode_prompt(prompt, num_image_tokens=predictor.num_image_tokens)[0])
+        prompt_tokens = len(
+            predictor.tokenizer.encode_prompt(prompt, num_image_tokens=predictor.num_image_tokens)[0]
+        )
 
         def usage(info: dict) -> dict[str, int]:
             n = info["completion_tokens"]
@@ -542,7 +579,9 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
                         elif kind == "finish":
                             done = True
                             metrics.latency.labels("/v1/chat/completions").observe(time.monotonic() - t0)
-                            yield chunk({}, finish_reason(payload), usage=usage(payload) if include_usage else None)
+                            yield chunk(
+                                {}, finish_reason(payload), usage=usage(payload) if include_usage else None
+                            )
                         elif payload.kind == "text":
                             piece = payload.text
                             if offset is None:
@@ -556,14 +595,22 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
                             if piece:
                                 yield chunk({"content": piece})
                         elif payload.kind == "entity":
-                            yield chunk({"entities": [_entity(payload.entity, offset if offset is not None else len(sent))]})
+                            yield chunk(
+                                {
+                                    "entities": [
+                                        _entity(payload.entity, offset if offset is not None else len(sent))
+                                    ]
+                                }
+                            )
                     yield "data: [DONE]\n\n"
                 finally:
                     if not done:
                         job.cancelled.set()
 
             job_prompt_text = _prompt_text(predictor, prompt)
-            return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
 
         result = None
         async for kind, payload in events_of(request, job, events, watch=True):
@@ -585,7 +632,14 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
                     "object": "chat.completion",
                     "created": int(time.time()),
                     "model": name,
-                    "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(payload)}],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": message,
+                            "logprobs": None,
+                            "finish_reason": finish_reason(payload),
+                        }
+                    ],
                     "usage": usage(payload),
                 }
             if payload.kind == "done":
@@ -648,12 +702,16 @@ class _Guard:
             self.metrics.requests.labels(path, str(status[0])).inc()
 
 
-
 def _validation_error(errors: list[dict]) -> ApiError:
     """Pydantic's errors as one line naming the fields."""
     for e in errors:
         if e.get("type") == "json_invalid":
-            return ApiError(400, f"request body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])})", None, "bad_json")
+            return ApiError(
+                400,
+                f"request body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])})",
+                None,
+                "bad_json",
+            )
     parts = []
     for e in errors[:4]:
         loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
@@ -686,7 +744,9 @@ def _box(box: list[float], normalized: bool, size: tuple[int, int]) -> grounding
         raise ApiError(400, f"box {box}: needs x1 < x2 and y1 < y2", "box")
     if normalized:
         if min(x1, y1) < 0 or max(x2, y2) > 1:
-            raise ApiError(400, f"box {box}: normalized boxes lie in [0, 1]; for pixels set normalized false", "box")
+            raise ApiError(
+                400, f"box {box}: normalized boxes lie in [0, 1]; for pixels set normalized false", "box"
+            )
         return (x1, y1, x2, y2)
     if min(x1, y1) < 0 or x2 > W or y2 > H:
         raise ApiError(400, f"box {box}: pixel box outside the {W}x{H} image", "box")
@@ -728,7 +788,9 @@ def _chat_input(messages: list[ChatMessage], allow_remote: bool, limits: Limits)
                     box = (b, bool(part.get("normalized", False)))
             else:
                 raise ApiError(
-                    400, f"{where}: content part type {kind!r} is not supported; use text, image_url or box", where
+                    400,
+                    f"{where}: content part type {kind!r} is not supported; use text, image_url or box",
+                    where,
                 )
     if len(images) != 1:
         raise ApiError(

@@ -13,7 +13,9 @@ def register(subparsers) -> None:
         "GET /v1/models, /health, /metrics, /docs and the web demo at /.",
     )
     p.add_argument("--model", help="checkpoint directory (default: $KOSMOS2_MODEL, else the built-in model)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)"
+    )
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
@@ -49,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
 
         from kosmos2.server.app import ServeConfig, create_app
     except ModuleNotFoundError as e:
-        print(f"kosmos2 serve: {e.name} is missing; install the extra: pip install 'kosmos2[serve]'", file=sys.stderr)
+        print(
+            f"kosmos2 serve: {e.name} is missing; install the extra: pip install 'kosmos2[serve]'",
+            file=sys.stderr,
+        )
         return 1
     import torch
 
@@ -78,7 +83,10 @@ def run(args: argparse.Namespace) -> int:
         limits=limits,
     )
     app = create_app(predictor, config)
-    print(f"kosmos2 serve: {name} on http://{args.host}:{args.port} (demo at /, API docs at /docs)", file=sys.stderr)
+    print(
+        f"kosmos2 serve: {name} on http://{args.host}:{args.port} (demo at /, API docs at /docs)",
+        file=sys.stderr,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0
 

@@ -51,7 +51,7 @@ def image_bytes(value: str, field: str, allow_remote: bool, limits: Limits) -> b
         if not allow_remote:
             raise ApiError(
                 400,
-                f"{field}: remote image URLs are refused (this server does not fetch addresses it is handed); "
+                f"{field}: remote image URLs are refused (the server never fetches addresses it is handed); "
                 "send the image as a data URL or base64, or start the server with --allow-remote-images",
                 field,
                 "remote_images_disabled",
@@ -66,7 +66,9 @@ def image_bytes(value: str, field: str, allow_remote: bool, limits: Limits) -> b
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as e:
         raise ApiError(
-            400, f"{field}: not valid base64 ({e}); send the file's bytes base64-encoded or as a data URL", field
+            400,
+            f"{field}: not valid base64 ({e}); send the file's bytes base64-encoded or as a data URL",
+            field,
         ) from None
 
 
@@ -78,7 +80,10 @@ def _fetch(url: str, field: str, limits: Limits) -> bytes:
         raise ApiError(400, f"{field}: could not fetch {url!r} ({e})", field) from None
     if len(data) > limits.max_body_bytes:
         raise ApiError(
-            413, f"{field}: {url!r} is over max_body_bytes={limits.max_body_bytes:,} bytes", field, "max_body_bytes"
+            413,
+            f"{field}: {url!r} is over max_body_bytes={limits.max_body_bytes:,} bytes",
+            field,
+            "max_body_bytes",
         )
     return data
 
@@ -93,7 +98,8 @@ def decode_image(data: bytes, field: str, limits: Limits) -> Image.Image:
     if w * h > limits.max_image_pixels:
         raise ApiError(
             413,
-            f"{field}: {w}x{h} = {w * h:,} pixels exceeds this server's max_image_pixels={limits.max_image_pixels:,}; "
+            f"{field}: {w}x{h} = {w * h:,} pixels exceeds this server's "
+            f"max_image_pixels={limits.max_image_pixels:,}; "
             "downscale the image",
             field,
             "max_image_pixels",

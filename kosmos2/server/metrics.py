@@ -13,7 +13,9 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.queue_depth = Gauge("kosmos2_queue_depth", "Requests waiting for a place in the batch", registry=r)
+        self.queue_depth = Gauge(
+            "kosmos2_queue_depth", "Requests waiting for a place in the batch", registry=r
+        )
         self.running = Gauge("kosmos2_running_requests", "Requests in the running batch", registry=r)
         self.batch_size = Histogram(
             "kosmos2_batch_size",
@@ -23,12 +25,20 @@ class Metrics:
         )
         self.tokens = Counter("kosmos2_generated_tokens", "Tokens generated, all requests", registry=r)
         self.finished = Counter(
-            "kosmos2_generations", "Generations ended, by reason (stop, length, cancelled)", ["reason"], registry=r
+            "kosmos2_generations",
+            "Generations ended, by reason (stop, length, cancelled)",
+            ["reason"],
+            registry=r,
         )
         self.requests = Counter(
-            "kosmos2_http_requests", "HTTP requests answered, by route and status", ["route", "status"], registry=r
+            "kosmos2_http_requests",
+            "HTTP requests answered, by route and status",
+            ["route", "status"],
+            registry=r,
         )
-        self.rejected = Counter("kosmos2_rejected", "Requests refused with 503: the queue was full", registry=r)
+        self.rejected = Counter(
+            "kosmos2_rejected", "Requests refused with 503: the queue was full", registry=r
+        )
         self.latency = Histogram(
             "kosmos2_request_latency_seconds",
             "Time from arrival to the last byte of a generation request",
