@@ -353,7 +353,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
         return cfg
 
     async def submit(
-        request: Request, prompt: str, image, cfg: GenerationConfig
+        request: Request, prompt: str, image, cfg: GenerationConfig, stream: bool
     ) -> tuple[Job, asyncio.Queue]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -361,7 +361,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
         def sink(kind: str, payload: Any) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
 
-        job = Job(prompt, image, cfg, sink)
+        job = Job(prompt, image, cfg, sink, stream=stream)
         try:
             engine.submit(job)
         except QueueFull as e:
@@ -417,7 +417,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
             raise ApiError(400, "give either prompt or task, not both", "task")
         prompt, defaults = task_prompt(task, **fields)
         cfg = generation(defaults, o, o.max_new_tokens, prompt)
-        job, events = await submit(request, prompt, image, cfg)
+        job, events = await submit(request, prompt, image, cfg, o.stream)
         name = task
         if task == "ground":
             name = o.task or ("prompt" if o.prompt is not None else "brief")
@@ -546,7 +546,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
             prompt, _ = task_prompt("describe", box=_box(b, normalized, image.size))
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         cfg = generation({}, body, max_tokens, prompt)
-        job, events = await submit(request, prompt, image, cfg)
+        job, events = await submit(request, prompt, image, cfg, body.stream)
         cid, name = f"chatcmpl-{uuid.uuid4().hex}", config.model_name
         prompt_tokens = len(
             predictor.tokenizer.encode_prompt(prompt, num_image_tokens=predictor.num_image_tokens)[0]

@@ -56,6 +56,7 @@ class Job:
     image: Any  # a decoded RGB PIL image
     config: GenerationConfig
     sink: Callable[[str, Any], None]
+    stream: bool = True  # False: no per-token events, only the final ones (saves work per token)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
     started: float = 0.0
@@ -267,18 +268,26 @@ class BatchEngine:
         try:
             tokens, keep = [], []
             for b, row in enumerate(self._rows):
-                cfg, logits = row.job.config, self._logits[b : b + 1]
+                if row.blocker is not None:
+                    row.blocker.ban(self._logits[b : b + 1])
+            greedy = self._logits.argmax(dim=-1).tolist()  # one call for every greedy row
+            for b, row in enumerate(self._rows):
+                cfg = row.job.config
                 if row.job.cancelled.is_set():
                     self._close(row, "cancelled")
                     continue
-                if row.blocker is not None:
-                    row.blocker.ban(logits)
-                t = int(sample_logits(logits, cfg, row.generator)[0])
+                if cfg.do_sample:
+                    t = int(sample_logits(self._logits[b : b + 1], cfg, row.generator)[0])
+                else:
+                    t = greedy[b]
                 if t == cfg.eos_token_id:
                     self._close(row, "stop")
                     continue
                 row.generated += 1
-                self._emit(row, row.decoder.feed(t))
+                if row.job.stream:
+                    self._emit(row, row.decoder.feed(t))
+                else:
+                    row.decoder.ids.append(t)
                 if row.generated >= cfg.max_new_tokens:
                     self._close(row, "length")
                     continue
