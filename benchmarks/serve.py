@@ -217,7 +217,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
+    t0 = time.perf_counter()
     predictor, what = load_predictor(args)
+    print(f"  {what}: ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown or not tasks:

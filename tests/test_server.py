@@ -132,7 +132,8 @@ def test_native_endpoints_answer_as_the_predictor_alone(client, predictor):
         files={"image": ("s.png", raw, "image/png")},
         data={"box": ",".join(str(v) for v in (6 / W, 20 / H, 116 / W, 127 / H)), "normalized": "true"},
     )
-    assert r.status_code == 200, r.text and r.json()["answer"] == expected.answer
+    assert r.status_code == 200, r.text
+    assert r.json()["answer"] == expected.answer
     # /v1/vqa, grounded
     r = client.post(
         "/v1/vqa", json={"image": b64(raw), "question": "what is the orange shape?", "grounded": True}
@@ -287,13 +288,11 @@ def test_eight_concurrent_requests_each_get_the_output_they_get_alone(client, pr
         assert g["text"] == a.text
         same_entities(g["entities"], a.entities)
     assert len({g["text"] for g in got}) >= 6  # the requests really differ
-    # they ran together: decode steps with more than one row happened during these requests
+    # they ran together: several decode steps ran 3 or more of these rows at once
     after = client.get("/metrics").text
     steps = metric(after, "kosmos2_batch_size_count") - metric(before, "kosmos2_batch_size_count")
-    single = metric(after, 'kosmos2_batch_size_bucket{le="1.0"}') - metric(
-        before, 'kosmos2_batch_size_bucket{le="1.0"}'
-    )
-    assert single < steps / 2, (single, steps)
+    upto2 = 'kosmos2_batch_size_bucket{le="2.0"}'
+    assert steps - (metric(after, upto2) - metric(before, upto2)) >= 3, after
 
 
 # -- bad requests -----------------------------------------------------------------------------------------
