@@ -14,7 +14,7 @@ import sys
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = [
     "kosmos2.commands",  # ground, info, convert
-    "kosmos2.train",  # train
+    "kosmos2.train.cli",  # train
     "kosmos2.data.grit_cli",  # grit build
     "kosmos2.eval.cli",  # eval refcoco | flickr30k | synthetic
     "kosmos2.server.cli",  # serve
