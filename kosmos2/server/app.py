@@ -373,14 +373,14 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
 
     async def events_of(request: Request, job: Job, events: asyncio.Queue, watch: bool):
         """The job's (kind, payload) pairs until it ends; `watch`: cancel it if the client goes away (checked
-        every 0.25 s; a streaming response learns it from Starlette, which cancels the stream)."""
+        every 0.1 s; a streaming response learns it from Starlette, which cancels the stream)."""
         checked = time.monotonic()
         while True:
             try:
-                kind, payload = await asyncio.wait_for(events.get(), timeout=0.25 if watch else None)
+                kind, payload = await asyncio.wait_for(events.get(), timeout=0.1 if watch else None)
             except TimeoutError:
                 kind = None
-            if watch and time.monotonic() - checked >= 0.25:
+            if watch and time.monotonic() - checked >= 0.1:
                 checked = time.monotonic()
                 if await request.is_disconnected():
                     job.cancelled.set()
