@@ -150,6 +150,17 @@ def test_native_endpoints_answer_as_the_predictor_alone(client, predictor):
     expected = predictor.vqa(image, "what is the orange shape?", grounded=True)
     assert r.json()["text"] == expected.text
     same_entities(r.json()["entities"], expected.entities)
+    # /v1/phrases: phrase grounding (a phrase as text, another as a span), one prompt per phrase
+    caption = "a large blue square next to a large orange circle"
+    r = client.post(
+        "/v1/phrases",
+        json={"image": b64(raw), "caption": caption, "phrases": ["a large blue square", [28, 49]]},
+    )
+    assert r.status_code == 200, r.text
+    expected = predictor.ground_phrases(image, caption, ["a large blue square", (28, 49)])
+    assert [p["boxes"] for p in r.json()["phrases"]] == [[list(b) for b in boxes] for boxes in expected]
+    assert [p["phrase"] for p in r.json()["phrases"]] == ["a large blue square", "a large orange circle"]
+    assert all(p["boxes"] for p in r.json()["phrases"])  # the default model finds both
     # a task: the plain caption runs beam search (alone, outside the batch)
     r = client.post("/v1/ground", json={"image": b64(raw), "task": "caption"})
     assert r.status_code == 200, r.text
@@ -415,7 +426,14 @@ def test_malformed_requests_get_a_4xx_naming_the_problem(client, server):
 def test_docs_health_and_metrics(client):
     assert client.get("/docs").status_code == 200
     schema = client.get("/openapi.json").json()
-    for path in ("/v1/ground", "/v1/locate", "/v1/describe", "/v1/vqa", "/v1/chat/completions", "/v1/models"):
+    for path in (
+        "/v1/ground",
+        "/v1/locate",
+        "/v1/describe",
+        "/v1/vqa",
+        "/v1/phrases",
+        "/v1/chat/completions",
+    ):
         assert path in schema["paths"]
     body = schema["paths"]["/v1/ground"]["post"]["requestBody"]["content"]
     assert {"application/json", "multipart/form-data"} <= set(body)

@@ -4,6 +4,7 @@
     POST /v1/locate     {image, expression}             referring expression -> boxes
     POST /v1/describe   {image, box, normalized}        box -> description
     POST /v1/vqa        {image, question, grounded}     question -> answer
+    POST /v1/phrases    {image, caption, phrases}       phrase grounding: boxes for phrases of a caption
     POST /v1/chat/completions, GET /v1/models           OpenAI's chat format (plain and `stream: true`)
     GET  /health, /metrics, /docs, /                     liveness, Prometheus, OpenAPI, the web demo
 
@@ -92,6 +93,14 @@ class VQARequest(Options):
     image: str
     question: str = Field(min_length=1)
     grounded: bool = Field(False, description="ask for boxes of the phrases in the answer")
+
+
+class PhrasesRequest(Options):
+    image: str
+    caption: str = Field(min_length=1, description="a caption of the image")
+    phrases: list[str | tuple[int, int]] = Field(
+        min_length=1, max_length=32, description="phrases of the caption (text, or [start, end) spans)"
+    )
 
 
 class EntityOut(BaseModel):
@@ -517,6 +526,82 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
     async def vqa(request: Request):
         return await native(request, "vqa", VQARequest)
 
+    @app.post("/v1/phrases", **docs(PhrasesRequest, "Phrase grounding: boxes for phrases of a caption"))
+    async def phrases(request: Request):
+        """Flickr30k Entities' protocol, as `Predictor.ground_phrases`: one prompt per phrase, run batched."""
+        t0 = time.monotonic()
+        data, upload = await read_body(request)
+        if upload is not None:
+            data["image"] = "<upload>"
+        try:
+            o = PhrasesRequest.model_validate(data)
+        except ValidationError as e:
+            raise _validation_error(e.errors()) from None
+        if o.stream:
+            raise ApiError(400, "stream is not supported by /v1/phrases; leave it out", "stream")
+        items = []  # (phrase, span, prompt)
+        for i, ph in enumerate(o.phrases):
+            if isinstance(ph, str):
+                start = o.caption.find(ph)
+                if start < 0 or not ph.strip():
+                    raise ApiError(400, f"phrases[{i}] {ph!r} does not occur in the caption", f"phrases[{i}]")
+                end = start + len(ph)
+            else:
+                start, end = ph
+                if not 0 <= start < end <= len(o.caption):
+                    raise ApiError(
+                        400,
+                        f"phrases[{i}] {list(ph)} is not a non-empty span of the caption "
+                        f"({len(o.caption)} characters)",
+                        f"phrases[{i}]",
+                    )
+            name = o.caption[start:end].strip()
+            prompt = (
+                f"{grounding.GROUNDING}{o.caption[:start].strip()} "
+                f"{grounding.PHRASE_START}{name}{grounding.PHRASE_END}"
+            )
+            items.append((name, [start, end], prompt))
+        image = await load(data, upload)
+        cfg = generation({"max_new_tokens": 24}, o, o.max_new_tokens, max((p for *_, p in items), key=len))
+        jobs = []
+        try:
+            for _, _, prompt in items:
+                jobs.append(await submit(request, prompt, image, cfg, False))
+        except ApiError:
+            for job, _ in jobs:
+                job.cancelled.set()
+            raise
+        out, tokens = [], 0
+        for (name, span, _), (job, events) in zip(items, jobs, strict=True):
+            result = None
+            async for kind, payload in events_of(request, job, events, watch=True):
+                if kind == "error":
+                    raise ApiError(500, payload)
+                if kind == "finish":
+                    tokens += payload["completion_tokens"]
+                elif payload.kind == "done":
+                    result = payload.result
+            if result is None:  # the client went away
+                for j, _ in jobs:
+                    j.cancelled.set()
+                return Response(status_code=499)
+            e = next((e for e in result.entities if e.phrase.strip() == name and e.boxes), None)
+            boxes = [list(b) for b in e.boxes] if e else []
+            pixels = [[round(v, 2) for v in b] for b in e.pixel_boxes] if e else []
+            out.append({"phrase": name, "span": span, "boxes": boxes, "pixel_boxes": pixels})
+        total = round(1000 * (time.monotonic() - t0), 2)
+        metrics.latency.labels("/v1/phrases").observe(total / 1000)
+        return {
+            "id": f"k2-{uuid.uuid4().hex[:16]}",
+            "model": config.model_name,
+            "task": "phrases",
+            "caption": o.caption,
+            "phrases": out,
+            "image_size": list(image.size),
+            "usage": {"completion_tokens": tokens},
+            "timings": {"total_ms": total},
+        }
+
     # -- OpenAI-compatible ----------------------------------------------------------------------------------
 
     @app.get("/v1/models")
@@ -726,7 +811,14 @@ def _validation_error(errors: list[dict]) -> ApiError:
 
 
 def _form_value(key: str, value: str) -> Any:
-    """A multipart field: lists (box) as JSON or comma-separated numbers; the rest as text for pydantic."""
+    """A multipart field: lists (box, phrases) as JSON, a box also as comma-separated numbers, a phrase as
+    itself; the rest as text for pydantic."""
+    if key == "phrases":
+        text = value.strip()
+        try:
+            return json.loads(text) if text.startswith("[") else [value]
+        except ValueError:
+            return value
     if key == "box":
         text = value.strip()
         try:
