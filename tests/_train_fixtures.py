@@ -94,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--stop-after", type=int)
+    parser.add_argument("--fsdp", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    config = tiny_train_config(grad_accum=args.grad_accum, steps=args.steps)
+    config = tiny_train_config(grad_accum=args.grad_accum, steps=args.steps, fsdp=args.fsdp)
     fit(tiny_task(), config, args.out, stop_after=args.stop_after, progress=False)
     return 0
 

@@ -79,7 +79,8 @@ def test_config_checks_and_overrides():
         ({"optimizer": "sgd"}, "optimizer 'sgd': use one of adamw, muon"),
         ({"ema_decay": 1.0}, r"ema_decay must be in \[0, 1\)"),
         ({"freeze": [""]}, "freeze must list parameter name prefixes"),
-        ({"fsdp": True, "optimizer": "muon"}, "fsdp trains with AdamW only"),
+        ({"fsdp": True, "optimizer": "muon"}, "fsdp trains with AdamW and no moving average"),
+        ({"fsdp": True, "ema_decay": 0.9}, "fsdp trains with AdamW and no moving average"),
         ({"lr": "fast"}, "lr must be float"),
         ({"stepz": 3}, r"unknown fields \['stepz'\]"),
     ):

@@ -1116,3 +1116,45 @@ def test_forward_shared_equals_each_sample_in_its_own_row():
     again = shared_prefix.forward_shared(decoder, prefix, embeds, prefix_mask, samples)
     for a, b in zip([shared, *hidden], [again[0], *again[1]], strict=True):
         assert (a - b.detach()).abs().max() <= 1e-6
+
+
+def test_world_metrics_flatten_the_headline_numbers():
+    results = {
+        "rec": {"accuracy": 0.5, "n": 2},
+        "grounded_caption": {"precision": 0.25, "recall": 0.75, "n": 2},
+        "reg": {"exact_match": 1.0, "n": 2},
+    }
+    assert W.world_metrics(results) == {
+        "rec": 0.5,
+        "grounded_caption_p": 0.25,
+        "grounded_caption_r": 0.75,
+        "reg": 1.0,
+    }
+
+
+def test_a_run_evaluates_on_the_world_and_keeps_the_best(tmp_path):
+    """eval_every: the loop scores the model on held-out test queries (kosmos2/eval/synthetic.py) and logs
+    it; best_metric keeps the best model in OUT/best, loadable by the Predictor."""
+    from kosmos2.predictor import Predictor
+
+    r = W.get_recipe("test", steps=4, eval_every=2, eval_queries=2, best_metric="grounded_caption_r")
+    out = tmp_path / "eval"
+    W.train(r, out, progress=False)
+    evals = [json.loads(line) for line in (out / L.LOG_FILE).read_text().splitlines() if '"eval"' in line]
+    assert [e["step"] for e in evals] == [2, 4]
+    assert set(evals[0]["eval"]) == {"rec", "grounded_caption_p", "grounded_caption_r", "reg", "vqa"}
+    best = L.load_checkpoint(out / L.CHECKPOINT_FILE)["best"]
+    assert best["metric"] == "grounded_caption_r" and best["step"] in (2, 4)
+    assert Predictor.from_pretrained(out / L.BEST_DIR).num_image_tokens == 64
+
+
+def test_the_default_recipe_exports_the_shipped_generation_config_byte_for_byte():
+    # the shipped folder (kosmos2/assets/default) is the reference: its generation_config.json states the
+    # decoding and the tasks the default model knows; an export of the default recipe must write those bytes
+    from kosmos2.train.export import generation_json
+    from kosmos2.train.recipes.synthetic import generation_settings
+
+    asset = Path(__file__).parents[1] / "kosmos2" / "assets" / "default"
+    shipped = (asset / "generation_config.json").read_bytes()
+    written = generation_json(generation_settings(W.get_recipe("default"))).encode()
+    assert written == shipped

@@ -60,8 +60,9 @@ class TrainConfig:
     # ["vision_model", "image_to_text_projection"]
     freeze: tuple[str, ...] = ()
     gradient_checkpointing: bool = False  # recompute each transformer block in backward (less memory)
-    # under torchrun on GPUs: shard parameters, gradients and AdamW state (FSDP2 `fully_shard`) instead of
-    # replicating them (DDP); AdamW only
+    # under torchrun: shard parameters, gradients and AdamW state over the processes (FSDP2 `fully_shard`,
+    # one unit per transformer block) instead of replicating them (DDP), for a model too big for one GPU;
+    # AdamW only, no moving average; checkpoints and exports hold the gathered, whole weights
     fsdp: bool = False
     checkpoint_every: int = 100
     log_every: int = 10
@@ -91,8 +92,8 @@ class TrainConfig:
             raise ValueError(f"eval_every must be an int >= 0 (0: no evaluation), got {self.eval_every!r}")
         if not all(isinstance(p, str) and p for p in self.freeze):
             raise ValueError(f"freeze must list parameter name prefixes, got {self.freeze!r}")
-        if self.fsdp and self.optimizer != "adamw":
-            raise ValueError("fsdp trains with AdamW only; set optimizer=adamw")
+        if self.fsdp and (self.optimizer != "adamw" or self.ema_decay > 0):
+            raise ValueError("fsdp trains with AdamW and no moving average; set optimizer=adamw, ema_decay=0")
         if self.export_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"export_dtype {self.export_dtype!r}: use float32, bfloat16 or float16")
         return self

@@ -17,6 +17,12 @@ from kosmos2.checkpoint import GENERATION_CONFIG, save_pretrained
 from kosmos2.image import CLIP_MEAN, CLIP_STD
 
 
+def generation_json(generation: Mapping[str, Any] | None = None) -> str:
+    """generation_config.json's text: the official decoding settings (checkpoint.GENERATION_CONFIG) with
+    `generation`'s overrides and additions."""
+    return json.dumps({**GENERATION_CONFIG, **(generation or {})}, indent=2) + "\n"
+
+
 def export(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -30,8 +36,7 @@ def export(
     copy_ = copy.deepcopy(model).to("cpu", getattr(torch, dtype)).eval()
     save_pretrained(copy_, directory)
     tokenizer.save_pretrained(directory)
-    settings = {**GENERATION_CONFIG, **(generation or {})}
-    (directory / "generation_config.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    (directory / "generation_config.json").write_text(generation_json(generation), encoding="utf-8")
     size = model.config.vision.image_size
     preprocessor = {
         "image_processor_type": "CLIPImageProcessor",

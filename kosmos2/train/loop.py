@@ -128,27 +128,33 @@ def fit(
     model.to(device)
     if heads is not None:
         heads.to(device)
+    state = load_checkpoint(checkpoint_path) if checkpoint_path.exists() else None
+    if state is not None:  # the weights before any sharding: every process reads the whole checkpoint
+        model.load_state_dict(state["model"])
+        if heads is not None:
+            heads.load_state_dict(state["heads"])
+    objective = Objective(model, heads, task.loss)
+    sharded = config.fsdp and me.world > 1
+    template = shard(objective) if sharded else None
     optimizer = make_optimizer(model, config, heads)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if heads is not None:
-        params += [p for p in heads.parameters() if p.requires_grad]
+    params = [p for p in objective.parameters() if p.requires_grad]
 
     # the moving average of the weights: float tensors of the state dict, float32
     ema = None
     if config.ema_decay > 0:
         ema = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
     step, elapsed, tokens_seen, best = 0, 0.0, 0, None
-    if checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
-        model.load_state_dict(state["model"])
-        if heads is not None:
-            heads.load_state_dict(state["heads"])
+    if state is not None:
         if ema is not None:
             ema = {k: v.to(device) for k, v in state["ema"].items()}
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:
+            _load_sharded_optimizer(objective, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
         step, elapsed, tokens_seen = state["step"], state["elapsed"], state["tokens"]
         best = state.get("best")
+        del state
     else:
         torch.manual_seed(config.seed + 1)  # dropout's stream, independent of the initialisation's
 
@@ -156,9 +162,8 @@ def fit(
     bar = Progress(config.steps, step, progress_stream) if progress and me.main and step < end else None
     parts = me.world * config.grad_accum
     make = StepBatches(task.batches, [j * me.world + me.rank for j in range(config.grad_accum)], parts)
-    objective = Objective(model, heads, task.loss)
     ddp = None
-    if me.world > 1:
+    if me.world > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
@@ -201,7 +206,7 @@ def fit(
                     logged[k] = logged.get(k, 0.0) + float(v.detach()) * share
             if me.world > 1:
                 logged = distributed.sum_dict(logged, device)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+            grad_norm = _full(torch.nn.utils.clip_grad_norm_(params, config.grad_clip)).item()
             optimizer.set_lr(lr_factor(step, config))
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
@@ -242,8 +247,15 @@ def fit(
                 and config.eval_every
                 and (step % config.eval_every == 0 or step == config.steps)
             ):
-                best = _evaluate(task, config, out, model, ema, step, best, log if me.main else None)
+                plain = _plain(model, template) if sharded else model
+                best = _evaluate(task, config, out, plain, ema, step, best, log if me.main else None)
             if step % config.checkpoint_every == 0 or step == end:
+                # with FSDP every process takes part in gathering the whole weights and optimizer state
+                whole = _gathered(model) if sharded else model.state_dict()
+                head_state = None
+                if heads is not None:
+                    head_state = _gathered(heads) if sharded else heads.state_dict()
+                opt = _sharded_optimizer_state(objective, optimizer) if sharded else None
                 if me.main:
                     state = {
                         "format": CHECKPOINT_FORMAT,
@@ -251,21 +263,23 @@ def fit(
                         "elapsed": elapsed,
                         "tokens": tokens_seen,
                         "config": config.to_dict(),
-                        "model": model.state_dict(),
-                        "heads": heads.state_dict() if heads is not None else None,
+                        "model": whole,
+                        "heads": head_state,
                         "ema": ema,
-                        "optimizer": optimizer.state_dict(),
+                        "optimizer": opt if sharded else optimizer.state_dict(),
                         "rng": _rng_state(),
                         "best": best,
                     }
                     save_checkpoint(checkpoint_path, state)
+                    del state
                 distributed.barrier()
     model_dir = out / MODEL_DIR
     if step >= config.steps:
         if ema is not None:  # the checkpoint keeps the last step's weights; the export is the average
             model.load_state_dict(ema, strict=False)
+        exported = _plain(model, template) if sharded else model
         if me.main and task.export is not None:
-            task.export(model, model_dir)
+            task.export(exported, model_dir)
         distributed.barrier()
     return model_dir
 
@@ -280,6 +294,64 @@ class Objective(torch.nn.Module):
 
     def forward(self, batch: Any) -> Mapping[str, torch.Tensor]:
         return self.loss(self.model, batch)
+
+
+def shard(objective: Objective) -> torch.nn.Module:
+    """FSDP2: shard every transformer block (the children of each `layers` ModuleList) and then the rest
+    of the model and heads as one unit over the processes (`fully_shard`; parameters become DTensors).
+    Returns a copy of the model on the meta device: the template `_plain` fills with gathered weights."""
+    import copy
+
+    from torch.distributed.fsdp import fully_shard
+
+    template = copy.deepcopy(objective.model).to("meta")
+    for name, module in objective.named_modules():
+        if name.endswith("layers") and isinstance(module, torch.nn.ModuleList):
+            for block in module:
+                fully_shard(block)
+    fully_shard(objective)  # the root: its forward, which the loop calls, gathers the rest
+    return template
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (a collective: every process calls it); a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _gathered(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict of an FSDP-sharded module, on the CPU, one tensor gathered at a time (every
+    process calls it)."""
+    return {k: _full(v).detach().cpu() for k, v in module.state_dict().items()}
+
+
+def _plain(model: torch.nn.Module, template: torch.nn.Module) -> torch.nn.Module | None:
+    """An unsharded copy of the FSDP-sharded `model` on the CPU, from `template` (`shard`): every process
+    gathers, the main process gets the copy (others None)."""
+    weights = _gathered(model)
+    if not distributed.current().main:
+        return None
+    import copy
+
+    plain = copy.deepcopy(template).to_empty(device="cpu")
+    plain.load_state_dict(weights)
+    if hasattr(plain, "tie_weights"):  # to_empty made the tied output head a tensor of its own
+        plain.tie_weights()
+    return plain
+
+
+def _sharded_optimizer_state(objective: torch.nn.Module, optimizer: Any) -> list[dict[str, Any]]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return [get_optimizer_state_dict(objective, o, options=options) for o in optimizer.optimizers]
+
+
+def _load_sharded_optimizer(objective: torch.nn.Module, optimizer: Any, states: list[dict[str, Any]]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    for o, state in zip(optimizer.optimizers, states, strict=True):
+        set_optimizer_state_dict(objective, o, state, options=options)
 
 
 def _evaluate(

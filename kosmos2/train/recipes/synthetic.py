@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import torch
 
 from kosmos2.eval.synthetic import GENERATION
+from kosmos2.predictor import TASKS_KEY
 from kosmos2.train import distributed
 from kosmos2.train.config import TrainConfig, with_overrides
 from kosmos2.train.loop import TrainTask, fit
@@ -43,6 +44,17 @@ if TYPE_CHECKING:
     from kosmos2.tokenizer import Kosmos2Tokenizer
 
 TOKENIZER_DIR = "tokenizer"
+
+
+def generation_settings(recipe: Recipe) -> dict[str, Any]:
+    """The exported generation_config.json's settings: the world's decoding, and the tasks the model was
+    trained on (predictor.TASKS_KEY, in the world's order), which the predictor and the CLI check prompts
+    against."""
+    from kosmos2.data.synthetic import TASKS
+
+    # the world's decoding where it departs from the official settings (greedy, length penalty 1.0 are theirs)
+    decoding = {k: GENERATION[k] for k in ("max_new_tokens", "no_repeat_ngram_size")}
+    return {**decoding, TASKS_KEY: [t for t in TASKS if recipe.mixture.get(t, 0) > 0]}
 
 
 def _default_mixture() -> dict[str, float]:
@@ -87,6 +99,8 @@ class Recipe(TrainConfig):
     share_prefix: bool = False
     # weight of the slot read-out's loss (slots.py; training only, not exported); 0 = no read-out
     slot_loss_weight: float = 1.0
+    # with eval_every: held-out test queries per task scored during training (`world_metrics`)
+    eval_queries: int = 50
 
     def validate(self) -> Recipe:
         from kosmos2.config import PRESETS
@@ -98,7 +112,7 @@ class Recipe(TrainConfig):
             raise ValueError(f"recipe {e}") from None
         if self.preset not in PRESETS:
             raise ValueError(f"recipe preset {self.preset!r} is not one of {sorted(PRESETS)}")
-        for name in ("scenes_per_step", "samples_per_scene"):
+        for name in ("scenes_per_step", "samples_per_scene", "eval_queries"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"recipe {name} must be a positive int, got {value!r}")
@@ -293,7 +307,11 @@ def train(
     The model is built and initialised on the CPU, so every device starts from the same weights; the floats
     of later steps differ between devices (other kernels), and the shipped model is the CPU run's. Under
     torchrun each process trains on its part of every step's scenes (rank 0 trains the tokenizer and writes
-    the files).
+    the files); the language-model loss is then exactly the step's mean over all its target tokens, while the
+    slot read-out's loss, a mean over each part's slots, enters weighted by the part's target tokens (close
+    to, not exactly, the one-process value). With `eval_every` the model is scored on `eval_queries` test
+    queries per task every so many steps (`world_metrics`: "rec", "grounded_caption_p",
+    "grounded_caption_r", "reg", "vqa"), and `best_metric` keeps the best in OUT/best.
     """
     from kosmos2.tokenizer import Kosmos2Tokenizer
     from kosmos2.train.export import export
@@ -316,6 +334,13 @@ def train(
     batches = SyntheticBatches(
         recipe, tokenizer_dir, config.vision.image_size, config.latent_query_num, grid, tokenizer
     )
+    generation = generation_settings(recipe)
+
+    def evaluate(model: Kosmos2, step: int) -> dict[str, float]:
+        from kosmos2.predictor import Predictor
+
+        return world_metrics(world_scores(Predictor(model, tokenizer), "test", recipe.eval_queries))
+
     task = TrainTask(
         model=model,
         batches=batches,
@@ -323,7 +348,8 @@ def train(
         heads=head,
         weight=lambda b: b.loss_tokens,
         describe=lambda b: {"rows": len(b.tasks), "tokens": b.tokens},
-        export=lambda m, d: export(m, tokenizer, d, recipe.export_dtype, GENERATION),
+        export=lambda m, d: export(m, tokenizer, d, recipe.export_dtype, generation),
+        evaluate=evaluate,
     )
     kwargs = {"progress": progress, "progress_stream": progress_stream, "device": device}
     return fit(task, recipe, out, stop_after=stop_after, prefetch=prefetch, **kwargs)
@@ -367,6 +393,18 @@ def world_scores(
     for item in items:
         records.setdefault(item.sample["task"], []).append(score_world(item, predictions[item.query.id]))
     return {task: summarize_task(task, rs) for task, rs in records.items()}
+
+
+def world_metrics(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """`world_scores` results as flat headline numbers: REC and VQA accuracy, REG exact match, grounded
+    caption entity precision / recall ("grounded_caption_p" / "_r")."""
+    out: dict[str, float] = {}
+    for task, r in results.items():
+        if "precision" in r:
+            out[f"{task}_p"], out[f"{task}_r"] = float(r["precision"]), float(r["recall"])
+        else:
+            out[task] = float(r.get("accuracy", r.get("exact_match", 0.0)))
+    return out
 
 
 def format_quality(split: str, results: Mapping[str, Mapping[str, Any]]) -> str:
