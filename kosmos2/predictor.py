@@ -266,14 +266,19 @@ class StreamEvent:
 
 
 class StreamDecoder:
-    """Generated token ids in, `StreamEvent`s out: `start()`, then `feed(id)` per token (without `</s>`),
-    then `finish()`. Each step re-parses prompt + continuation with `grounding.parse`, so the pieces and
-    entities are exactly those of the final result."""
+    """Generated token ids in, `StreamEvent`s out: `start()`, then `feed(id, logprob)` per token (without
+    `</s>`), then `finish()`. Each step re-parses prompt + continuation with `grounding.parse`, so the pieces
+    and entities are exactly those of the final result. Given every token's log-probability (the model's
+    plain distribution, as `token_logprobs`), entities carry their scores as they close; otherwise the
+    scores come with the "done" result."""
 
     def __init__(self, predictor: Predictor, prompt: str, size: tuple[int, int]):
         self.predictor, self.prompt, self.size = predictor, prompt, size
         self.ids: list[int] = []
+        self.logprobs: list[float] = []
         self._prompt_ids = predictor.tokenizer.encode(prompt.strip())
+        prompt_parsed = grounding.parse(predictor.tokenizer.decode(self._prompt_ids))
+        self._prompt_boxes = sum(len(e.boxes) for e in prompt_parsed.entities)
         self._sent = ""  # caption text sent so far
         self._entities = 0  # entities sent so far
 
@@ -281,15 +286,24 @@ class StreamDecoder:
         """The prompt's readable text (and any entity the prompt closes by itself)."""
         return self._events()
 
-    def feed(self, token_id: int) -> list[StreamEvent]:
+    def feed(self, token_id: int, logprob: float | None = None) -> list[StreamEvent]:
         self.ids.append(int(token_id))
+        if logprob is not None:
+            self.logprobs.append(float(logprob))
         return self._events()
 
-    def finish(self) -> list[StreamEvent]:
-        """What is left (held-back text) and the "done" event with the whole result."""
-        result = self.predictor._result(self.prompt, self.ids, self.size)
+    def finish(self, logprobs: list[float] | None = None) -> list[StreamEvent]:
+        """What is left (held-back text) and the "done" event with the whole result (scored with
+        `logprobs`, else with those fed, when the predictor scores)."""
+        if logprobs is not None:
+            self.logprobs = list(logprobs)
+        result = self.predictor._result(self.prompt, self.ids, self.size, self._scored())
         events = self._events(final=True)
         return [*events, StreamEvent("done", result=result)]
+
+    def _scored(self) -> list[float] | None:
+        complete = len(self.logprobs) == len(self.ids)
+        return self.logprobs if self.predictor.scores and complete else None
 
     def _events(self, final: bool = False) -> list[StreamEvent]:
         text = self.predictor.tokenizer.decode(self._prompt_ids + self.ids)
@@ -300,11 +314,17 @@ class StreamDecoder:
         if parsed.caption.startswith(self._sent) and len(parsed.caption) > len(self._sent):
             events.append(StreamEvent("text", text=parsed.caption[len(self._sent) :]))
             self._sent = parsed.caption
-        W, H = self.size
-        for e in parsed.entities[self._entities :]:
-            pixel = [grounding.box_to_pixels(b, W, H) for b in e.boxes]
-            events.append(StreamEvent("entity", entity=EntityResult(e.phrase, e.span, e.boxes, pixel)))
-        self._entities = len(parsed.entities)
+        if len(parsed.entities) > self._entities:
+            W, H = self.size
+            entities = [
+                EntityResult(e.phrase, e.span, e.boxes, [grounding.box_to_pixels(b, W, H) for b in e.boxes])
+                for e in parsed.entities
+            ]
+            scored = self._scored()
+            if scored is not None and self.ids:
+                self.predictor._attach_scores(entities, self._prompt_boxes, self.ids, scored)
+            events += [StreamEvent("entity", entity=e) for e in entities[self._entities :]]
+            self._entities = len(entities)
         return events
 
 
@@ -587,11 +607,13 @@ class Predictor:
 
         "text" events carry readable pieces (markup removed) whose concatenation is the result's caption (the
         first piece is the prompt's own text, if it has any); an "entity" event comes when a phrase's
-        `</object>` arrives; the last event, "done", carries the whole `GroundingResult` (as from `ground`):
+        `</object>` arrives (its scores come with the result); the last event, "done", carries the whole
+        `GroundingResult`, equal to what `ground` gives:
 
             for event in p.stream("photo.jpg"):
                 print(event.text, end="", flush=True)
         """
+        grounding.check_prompt(prompt, self.grid, self.tokenizer.token_to_id)
         cfg = self._options({}, options)
         embeds, sizes = self.encode_images([image])
         batch = self.tokenizer.batch_encode([prompt], num_image_tokens=self.num_image_tokens)
@@ -605,7 +627,11 @@ class Predictor:
             if t == cfg.eos_token_id:
                 break
             yield from decoder.feed(t)
-        yield from decoder.finish()
+        logprobs = None
+        if self.scores:  # the same teacher-forced pass as `ground`: the done result equals its result
+            args = (batch["input_ids"], batch["attention_mask"], embeds, batch["image_mask"], [decoder.ids])
+            logprobs = token_logprobs(self.model, *args)[0]
+        yield from decoder.finish(logprobs)
 
     @torch.no_grad()
     def logits(self, image: Any, text: str) -> torch.Tensor:

@@ -102,6 +102,11 @@ def same_entities(got: list[dict], expected, offset: int = 0) -> None:
         assert g["pixel_boxes"] == [[pytest.approx(v, abs=0.006) for v in b] for b in e.pixel_boxes]
         if g["span"] is not None:
             assert g["span"] == [e.span[0] - offset, e.span[1] - offset]
+        # scores from the decode steps' distributions equal the predictor's teacher-forced ones
+        assert g.get("scores") == [None if v is None else pytest.approx(v, abs=1e-4) for v in e.scores]
+        assert g.get("phrase_score") == (
+            None if e.phrase_score is None else pytest.approx(e.phrase_score, abs=1e-4)
+        )
 
 
 # -- the native API ---------------------------------------------------------------------------------------
@@ -340,6 +345,7 @@ def test_malformed_requests_get_a_4xx_naming_the_problem(client, server):
             "max_new_tokens=128",
         ),
         ("post", "/v1/ground", {"json": {"prompt": "x"}}, 422, "missing field 'image'"),
+        ("post", "/v1/ground", {"json": {"image": b64(raw), "prompt": "a <phrase>red"}}, 400, "prompt"),
         ("post", "/v1/ground", {"json": {"image": b64(raw), "top_p": 3}}, 422, "top_p"),
         (
             "post",

@@ -110,7 +110,11 @@ class EntityOut(BaseModel):
     )
     boxes: list[tuple[float, float, float, float]] = Field(description="normalised x1, y1, x2, y2")
     pixel_boxes: list[tuple[float, float, float, float]] = Field(description="pixels of the original image")
-    score: float | None = None
+    scores: list[float | None] | None = Field(
+        None,
+        description="per box: the model's probability of its two location tokens (null: the prompt's box)",
+    )
+    phrase_score: float | None = Field(None, description="the phrase's mean token probability, if generated")
 
 
 class Timings(BaseModel):
@@ -206,8 +210,9 @@ def _entity(e, offset: int | None = None) -> dict[str, Any]:
         "boxes": [list(b) for b in e.boxes],
         "pixel_boxes": [[round(v, 2) for v in b] for b in e.pixel_boxes],
     }
-    if getattr(e, "score", None) is not None:
-        out["score"] = e.score
+    if getattr(e, "scores", None):  # the predictor's box scores (docs/TRUST.md); None: a box of the prompt
+        out["scores"] = e.scores
+        out["phrase_score"] = e.phrase_score
     return out
 
 
@@ -343,6 +348,10 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
             options["seed"] = o.seed
         if getattr(o, "num_beams", None) is not None:
             options["num_beams"] = o.num_beams
+        try:
+            grounding.check_prompt(prompt, predictor.grid, predictor.tokenizer.token_to_id)
+        except ValueError as e:  # PromptError: what is wrong and where
+            raise ApiError(400, f"prompt {prompt!r}: {e}", "prompt", "bad_prompt") from None
         try:
             cfg = GenerationConfig.from_kwargs(predictor.generation, **options)
         except (ValueError, TypeError) as e:

@@ -38,6 +38,7 @@ from kosmos2.generate import (
     generate,
     prefill,
     sample_logits,
+    token_logprobs,
 )
 from kosmos2.image import preprocess
 from kosmos2.predictor import Predictor, StreamDecoder
@@ -267,6 +268,8 @@ class BatchEngine:
         """One token per row; rows that end leave; the rest go one step through the decoder."""
         try:
             tokens, keep = [], []
+            # each token's log-probability under the plain distribution (the entity scores), before bans
+            logp = torch.log_softmax(self._logits.float(), dim=-1) if self.predictor.scores else None
             for b, row in enumerate(self._rows):
                 if row.blocker is not None:
                     row.blocker.ban(self._logits[b : b + 1])
@@ -284,10 +287,13 @@ class BatchEngine:
                     self._close(row, "stop")
                     continue
                 row.generated += 1
+                lp = float(logp[b, t]) if logp is not None else None
                 if row.job.stream:
-                    self._emit(row, row.decoder.feed(t))
+                    self._emit(row, row.decoder.feed(t, lp))
                 else:
                     row.decoder.ids.append(t)
+                    if lp is not None:
+                        row.decoder.logprobs.append(lp)
                 if row.generated >= cfg.max_new_tokens:
                     self._close(row, "length")
                     continue
@@ -328,21 +334,16 @@ class BatchEngine:
             embeds, _ = p.encode_images([job.image])
             batch = p.tokenizer.batch_encode([job.prompt], num_image_tokens=p.num_image_tokens)
             batch = {k: v.to(p.device) for k, v in batch.items()}
-            (ids,) = generate(
-                self.model,
-                batch["input_ids"],
-                batch["attention_mask"],
-                embeds,
-                batch["image_mask"],
-                job.config,
-            )
+            args = (batch["input_ids"], batch["attention_mask"], embeds, batch["image_mask"])
+            (ids,) = generate(self.model, *args, job.config)
+            logprobs = token_logprobs(self.model, *args, [ids])[0] if p.scores else None
         except Exception as e:
             job.sink("error", f"generation failed: {e}")
             return
         row = _Row(job, StreamDecoder(p, job.prompt, job.image.size), None, None, len(ids))
         self._emit(row, row.decoder.start())
-        for t in ids:
-            self._emit(row, row.decoder.feed(t))
+        for i, t in enumerate(ids):
+            self._emit(row, row.decoder.feed(t, logprobs[i] if logprobs is not None else None))
         if self.metrics is not None:
             self.metrics.batch_size.observe(1)
             self.metrics.count_tokens(len(ids))
