@@ -22,21 +22,32 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from kosmos2 import grounding
 from kosmos2.generate import GenerationConfig
 from kosmos2.predictor import PROMPT_BRIEF, PROMPT_DETAILED, PROMPT_PLAIN, GroundingResult, Predictor
+from kosmos2.server.chat import chat_input, content_of, prompt_text
 from kosmos2.server.engine import BatchEngine, Job, QueueFull
 from kosmos2.server.inputs import ApiError, Limits, decode_image, image_bytes
 from kosmos2.server.metrics import Metrics
+from kosmos2.server.schemas import (
+    ChatRequest,
+    DescribeRequest,
+    GroundRequest,
+    GroundResponse,
+    LocateRequest,
+    Options,
+    PhrasesRequest,
+    VQARequest,
+)
 
 STATIC = Path(__file__).parent / "static"
 
@@ -52,120 +63,6 @@ class ServeConfig:
     allow_remote_images: bool = False
     retry_after_s: int = 1
     limits: Limits = field(default_factory=Limits)
-
-
-# -- request bodies --------------------------------------------------------------------------------------
-
-
-class Options(BaseModel):
-    """Decoding options shared by the native endpoints (the task's defaults apply to what is left out)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_new_tokens: int | None = Field(None, ge=1, description="at most this many new tokens")
-    temperature: float | None = Field(None, ge=0, description="0 or absent: greedy; > 0: sampling")
-    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling (implies sampling)")
-    seed: int | None = Field(None, description="sampling: a fixed seed makes the result repeatable")
-    num_beams: int | None = Field(None, ge=1, le=8, description="beam search (runs alone, not batched)")
-    stream: bool = Field(False, description="server-sent events: text, entity, then done")
-
-
-class GroundRequest(Options):
-    image: str = Field(description="base64, a data URL, or a multipart file field")
-    prompt: str | None = Field(None, description="any Kosmos-2 prompt, e.g. '<grounding>An image of'")
-    task: Literal["brief", "detailed", "caption"] | None = Field(
-        None, description="brief: grounded brief caption (default); detailed; caption: plain, beam 5"
-    )
-
-
-class LocateRequest(Options):
-    image: str
-    expression: str = Field(min_length=1, description="a referring expression, e.g. 'the red circle'")
-
-
-class DescribeRequest(Options):
-    image: str
-    box: list[float] = Field(min_length=4, max_length=4, description="x1, y1, x2, y2")
-    normalized: bool = Field(False, description="box in [0, 1] instead of pixels of the image")
-
-
-class VQARequest(Options):
-    image: str
-    question: str = Field(min_length=1)
-    grounded: bool = Field(False, description="ask for boxes of the phrases in the answer")
-
-
-class PhrasesRequest(Options):
-    image: str
-    caption: str = Field(min_length=1, description="a caption of the image")
-    phrases: list[str | tuple[int, int]] = Field(
-        min_length=1, max_length=32, description="phrases of the caption (text, or [start, end) spans)"
-    )
-
-
-class EntityOut(BaseModel):
-    phrase: str
-    span: tuple[int, int] | None = Field(
-        description="[start, end) in caption (chat: in content; null: in the prompt)"
-    )
-    boxes: list[tuple[float, float, float, float]] = Field(description="normalised x1, y1, x2, y2")
-    pixel_boxes: list[tuple[float, float, float, float]] = Field(description="pixels of the original image")
-    scores: list[float | None] | None = Field(
-        None,
-        description="per box: the model's probability of its two location tokens (null: the prompt's box)",
-    )
-    phrase_score: float | None = Field(None, description="the phrase's mean token probability, if generated")
-
-
-class Timings(BaseModel):
-    queue_ms: float
-    generate_ms: float
-    total_ms: float
-
-
-class GroundResponse(BaseModel):
-    id: str
-    model: str
-    task: str
-    prompt: str
-    text: str = Field(description="the generated continuation, markup kept")
-    caption: str = Field(description="prompt + continuation without markup; entity spans index it")
-    answer: str = Field(description="the continuation without markup")
-    entities: list[EntityOut]
-    image_size: tuple[int, int]
-    finish_reason: str
-    usage: dict[str, int]
-    timings: Timings
-
-
-class ImageURL(BaseModel):
-    url: str
-    detail: str | None = None
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatRequest(BaseModel):
-    """OpenAI's chat request; fields it has that this server cannot honour are refused by name."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    n: int | None = Field(None, ge=1, le=1, description="one choice per request")
-    user: str | None = None
 
 
 # -- tasks: a prompt and decoding defaults each (SPEC §1, as the Predictor's task helpers) ------------------
@@ -632,7 +529,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
                 "model_not_found",
             )
         prompt, raw, box = await run_in_threadpool(
-            _chat_input, body.messages, config.allow_remote_images, limits
+            chat_input, body.messages, config.allow_remote_images, limits
         )
         image = await run_in_threadpool(decode_image, raw, "messages.image_url", limits)
         if box is not None:
@@ -701,7 +598,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
                     if not done:
                         job.cancelled.set()
 
-            job_prompt_text = _prompt_text(predictor, prompt)
+            job_prompt_text = prompt_text(predictor, prompt)
             return StreamingResponse(
                 sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
@@ -714,7 +611,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
                 if payload["reason"] == "cancelled":
                     return Response(status_code=499)
                 metrics.latency.labels("/v1/chat/completions").observe(time.monotonic() - t0)
-                content, offset = _content(predictor, prompt, result)
+                content, offset = content_of(predictor, prompt, result)
                 message = {
                     "role": "assistant",
                     "content": content,
@@ -852,82 +749,3 @@ def _box(box: list[float], normalized: bool, size: tuple[int, int]) -> grounding
     if min(x1, y1) < 0 or x2 > W or y2 > H:
         raise ApiError(400, f"box {box}: pixel box outside the {W}x{H} image", "box")
     return grounding.box_to_normalized((x1, y1, x2, y2), W, H)
-
-
-def _chat_input(messages: list[ChatMessage], allow_remote: bool, limits: Limits):
-    """(prompt, image bytes, box or None) of a chat request: the last user message's text and box, the one
-    image among the user messages.
-
-    The prompt: a box (an extra `{"type": "box", "box": [x1, y1, x2, y2], "normalized": false}` part, or
-    `<object><patch_index_A><patch_index_B></object>` markup in the text) asks for a region description;
-    text with Kosmos-2 markup is the prompt as written; empty text asks for the grounded brief caption; text
-    ending in "?" is a grounded question; any other text is continued as a grounded prompt.
-    """
-    images, text, box = [], "", None
-    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=None)
-    if last_user is None:
-        raise ApiError(400, "messages: no user message; send one with the image and the text", "messages")
-    for i, m in enumerate(messages):
-        if m.role != "user":
-            continue
-        parts = [{"type": "text", "text": m.content}] if isinstance(m.content, str) else (m.content or [])
-        for j, part in enumerate(parts):
-            where = f"messages[{i}].content[{j}]"
-            kind = part.get("type")
-            if kind == "text":
-                if i == last_user:
-                    text += str(part.get("text", ""))
-            elif kind == "image_url":
-                url = part.get("image_url")
-                url = url.get("url") if isinstance(url, dict) else url
-                images.append(image_bytes(url, f"{where}.image_url", allow_remote, limits))
-            elif kind == "box":
-                b = part.get("box")
-                if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)):
-                    raise ApiError(400, f"{where}.box: give [x1, y1, x2, y2] as four numbers", f"{where}.box")
-                if i == last_user:
-                    box = (b, bool(part.get("normalized", False)))
-            else:
-                raise ApiError(
-                    400,
-                    f"{where}: content part type {kind!r} is not supported; use text, image_url or box",
-                    where,
-                )
-    if len(images) != 1:
-        raise ApiError(
-            400,
-            f"messages: {len(images)} images; send exactly one image as an image_url content part "
-            "(data:image/png;base64,...)",
-            "messages",
-        )
-    marked = grounding.parse(text)
-    markup_boxes = [b for e in marked.entities for b in e.boxes]
-    if box is None and markup_boxes and "<phrase>" not in text:
-        if len(markup_boxes) > 1:
-            raise ApiError(400, "messages: one box per request", "messages")
-        box = (list(markup_boxes[0]), True)
-    q = text.strip()
-    if box is not None:
-        prompt = ""  # built from the box once the image's size is known
-    elif any(t in q for t in grounding.TAG_TOKENS) or "<patch_index_" in q:
-        prompt = q
-    elif not q:
-        prompt = PROMPT_BRIEF
-    elif q.endswith("?"):
-        prompt = f"{grounding.GROUNDING} Question: {q} Answer:"
-    else:
-        prompt = f"{grounding.GROUNDING}{q}"
-    return prompt, images[0], box
-
-
-def _prompt_text(predictor: Predictor, prompt: str) -> str:
-    """The readable text of a prompt: the first text piece of its stream."""
-    return grounding.parse(predictor.tokenizer.decode(predictor.tokenizer.encode(prompt.strip()))).caption
-
-
-def _content(predictor: Predictor, prompt: str, result: GroundingResult) -> tuple[str, int]:
-    """Chat content (the continuation's readable text) and its offset in the caption."""
-    head = _prompt_text(predictor, prompt)
-    rest = result.caption[len(head) :] if result.caption.startswith(head) else result.caption
-    stripped = rest.lstrip()
-    return stripped, len(result.caption) - len(stripped)
