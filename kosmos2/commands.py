@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from kosmos2 import runtime
+
 TASKS = {
     "brief": "<grounding>An image of",
     "detailed": "<grounding>Describe this image in detail:",
@@ -40,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    runtime.add_runtime_arguments(p)
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=_ground_command)
 
@@ -104,6 +106,7 @@ def _ground_command(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         batch_size=args.batch_size,
         options={k: v for k, v in options.items() if v is not None},
+        threads=args.threads,
     )
     return 0
 
@@ -115,12 +118,16 @@ def ground_images(
     model: str | None = None,
     as_json: bool = False,
     draw: str | None = None,
-    dtype: str = "float32",
+    dtype: str | None = None,
     batch_size: int = 8,
     options: dict[str, Any] | None = None,
     out: TextIO | None = None,
+    threads: int | None = None,
 ) -> list[Any]:
-    """Ground each image, print the results (text or JSON lines), optionally draw the boxes."""
+    """Ground each image, print the results (text or JSON lines), optionally draw the boxes.
+
+    dtype: float32 | bfloat16 | int8 (None: as the checkpoint); threads: None picks
+    `kosmos2.runtime.default_threads()`."""
     from kosmos2.image import draw_boxes
     from kosmos2.predictor import PROMPT_BRIEF, Predictor
 
@@ -129,6 +136,7 @@ def ground_images(
         if not Path(path).is_file():
             raise SystemExit(f"kosmos2 ground: {path!r} is not a file; pass paths of image files")
     draw_targets = _draw_targets(images, draw) if draw else []
+    runtime.set_threads(threads)
     predictor = Predictor.from_pretrained(model, dtype=dtype, batch_size=batch_size)
     options = options or {}
     results = []

@@ -20,7 +20,8 @@ What each dtype runs (benchmarks/README.md has the measurements behind each choi
 The int8 rule per layer (`int8_supported`): the layer's input width must be a multiple of 16. On our CPU
 `torch._weight_int8pack_mm` returned wrong values for other widths (72: inf; 33, 50: NaN) and crashed for 8,
 without raising; such a layer keeps its bfloat16 weight (packed) and `prepare_model` lists it in
-`model.int8_skipped`.
+`model.int8_skipped`. The kernel also crashed on weights or activations that did not start on a 16-byte
+boundary: `Int8Linear` copies such a tensor to a fresh (64-byte aligned) allocation first.
 
 Checkpoint layout of an int8 model (`kosmos2.checkpoint.save_pretrained`): each quantised layer `L` stores
 `L.weight_int8` (int8 [out, in]) and `L.weight_scale` (bfloat16 [out]) instead of `L.weight`, its bias as
@@ -80,6 +81,12 @@ def int8_supported(layer: nn.Linear) -> bool:
     return layer.in_features % INT8_WIDTH_MULTIPLE == 0
 
 
+def _aligned(t: Tensor) -> bool:
+    """Whether `t` starts on a 64-byte boundary (as fresh allocations do). The CPU int8 kernel crashed here
+    on weights at offsets of 2 or 8 bytes and on activations at 2 or 6 (16, 32 and 64 worked)."""
+    return t.device.type != "cpu" or t.data_ptr() % 64 == 0
+
+
 class Int8Linear(nn.Module):
     """y = x @ (weight_int8 * weight_scale)^T + bias, through `torch._weight_int8pack_mm` (bf16 in and out).
 
@@ -112,8 +119,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
+        if not _aligned(self.weight_int8):  # e.g. mapped from a safetensors file at an odd offset
+            self.weight_int8 = self.weight_int8.clone()
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        y = torch._weight_int8pack_mm(x2, self.weight_int8, self.weight_scale)
+        y = torch._weight_int8pack_mm(x2 if _aligned(x2) else x2.clone(), self.weight_int8, self.weight_scale)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
