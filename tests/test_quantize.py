@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _model_fixtures import random_model
 from safetensors import safe_open
 from torch import nn
 
@@ -20,7 +21,6 @@ from kosmos2.checkpoint import load_pretrained, save_pretrained
 from kosmos2.config import Kosmos2Config
 from kosmos2.generate import GenerationConfig, encode_images, generate
 from kosmos2.predictor import Predictor
-from tests._model_fixtures import random_model
 
 needs_packing = pytest.mark.skipif(not Q.packing_available(), reason="no oneDNN bf16 on this CPU")
 REPO = Path(__file__).resolve().parents[1]
