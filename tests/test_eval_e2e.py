@@ -24,6 +24,14 @@ from kosmos2.eval.runner import PredictionCache
 from kosmos2.predictor import Predictor
 
 RUN = ["--max-new-tokens", "6", "--batch-size", "2", "--no-progress", "--samples", "4"]
+# The official decoding (SPEC §8; docs/EVAL.md), written out here rather than taken from the code under test.
+PROTOCOL = {
+    "max_new_tokens": 64,
+    "num_beams": 1,
+    "do_sample": False,
+    "no_repeat_ngram_size": 3,
+    "length_penalty": 1.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +62,22 @@ def test_refcoco_end_to_end_and_resume(tmp_path, checkpoint, capsys) -> None:
     assert second["run"] == {"queries": 6, "from_cache": 4, "computed": 2}
     assert len(PredictionCache(out / "predictions.jsonl")) == 6
     assert "refcoco val: Acc@0.5 first" in capsys.readouterr().out
-    for name in ("report.md", "samples.png", "iou_hist.png", "by_length.png"):
-        assert (out / name).is_file()
+    # one plot of each kind per split, nothing pooled
+    plots = sorted(p.name for p in out.glob("*.png") if p.name != "samples.png")
+    assert plots == [
+        "by_length_refcoco_testA.png",
+        "by_length_refcoco_val.png",
+        "iou_hist_refcoco_testA.png",
+        "iou_hist_refcoco_val.png",
+    ]
+    assert (out / "report.md").is_file() and (out / "samples.png").is_file()
 
     # the scored boxes are the Predictor's own, for the same image and prompt
     predictor = Predictor.from_pretrained(checkpoint)
     records = _records(out)
-    direct = predictor.ground([r["image"] for r in records], [r["prompt"] for r in records], max_new_tokens=6)
+    direct = predictor.ground(
+        [r["image"] for r in records], [r["prompt"] for r in records], **{**PROTOCOL, "max_new_tokens": 6}
+    )
     for r, d in zip(records, direct, strict=True):
         assert r["text"] == d.text
         want = [list(b) for e in d.entities if e.phrase.strip() == r["expression"] for b in e.pixel_boxes]
@@ -107,7 +124,12 @@ def test_flickr30k_end_to_end(tmp_path, checkpoint) -> None:
         and m["results"]["test"]["recall"]["all"]["count"] == 2
     )
     assert set(m["results"]["val"]["recall"]) == {"all", "people", "clothing", "bodyparts", "other"}
-    assert (out / "by_type.png").is_file()
+    assert sorted(p.name for p in out.glob("*.png") if p.name != "samples.png") == [
+        "by_type_test.png",
+        "by_type_val.png",
+        "iou_hist_test.png",
+        "iou_hist_val.png",
+    ]
 
 
 def test_flickr30k_captions(tmp_path, checkpoint) -> None:
@@ -126,7 +148,8 @@ def test_flickr30k_captions(tmp_path, checkpoint) -> None:
         == 0
     )
     m = json.loads((out / "metrics.json").read_text())
-    assert m["generation"] == {"max_new_tokens": 6, "num_beams": 5} and m["run"]["queries"] == 2
+    assert m["generation"] == {**PROTOCOL, "max_new_tokens": 6, "num_beams": 5} and m["run"]["queries"] == 2
+    assert m["generation_changed"] == {"max_new_tokens": {"protocol": 64, "used": 6}}
 
 
 def test_bad_arguments_fail_with_a_message(tmp_path, checkpoint, capsys) -> None:
@@ -177,3 +200,43 @@ def test_bad_arguments_fail_with_a_message(tmp_path, checkpoint, capsys) -> None
         ]
     )
     assert rc == 2 and "COCO_train2014_000000581857.jpg' not found" in capsys.readouterr().err
+
+
+def test_decoding_is_the_protocols_whatever_the_checkpoint_says(tmp_path, checkpoint) -> None:
+    # a checkpoint whose generation_config.json asks for sampling without n-gram blocking: evaluation must
+    # still decode greedily with no-repeat-ngram 3 (the official settings) and say so in metrics.json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(checkpoint, model)
+    (model / "generation_config.json").write_text(
+        json.dumps({"do_sample": True, "temperature": 1.5, "no_repeat_ngram_size": 0, "max_new_tokens": 3})
+    )
+    refer = write_refer(tmp_path / "refer")
+    images = write_coco_images(tmp_path / "coco")
+    out = tmp_path / "out"
+    args = ["--refer-dir", str(refer), "--images", str(images), "--splits", "val"]
+    run = ["--batch-size", "2", "--no-progress", "--samples", "2", "--max-new-tokens", "24"]
+    assert main(["eval", "refcoco", *args, "--checkpoint", str(model), "--out", str(out), *run]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["generation"] == {**PROTOCOL, "max_new_tokens": 24}
+    assert m["generation_changed"] == {"max_new_tokens": {"protocol": 64, "used": 24}}
+    assert "changed from the protocol's" in (out / "report.md").read_text()
+
+    records = _records(out)
+    images_, prompts = [r["image"] for r in records], [r["prompt"] for r in records]
+    predictor = Predictor.from_pretrained(model)
+    greedy = predictor.ground(images_, prompts, **{**PROTOCOL, "max_new_tokens": 24})
+    assert [r["text"] for r in records] == [g.text for g in greedy]
+    # the check can fail: without the pinning, the checkpoint's settings give other text
+    unblocked = predictor.ground(images_, prompts, max_new_tokens=24, do_sample=False, no_repeat_ngram_size=0)
+    assert [g.text for g in greedy] != [u.text for u in unblocked]
+
+    # an explicit change is used, recorded and named in the report; the protocol's run stays cached apart
+    out2 = tmp_path / "out2"
+    flags = ["--no-repeat-ngram-size", "0"]
+    assert main(["eval", "refcoco", *args, "--checkpoint", str(model), "--out", str(out2), *run, *flags]) == 0
+    m2 = json.loads((out2 / "metrics.json").read_text())
+    assert m2["generation"]["no_repeat_ngram_size"] == 0
+    assert m2["generation_changed"]["no_repeat_ngram_size"] == {"protocol": 3, "used": 0}
+    assert [r["text"] for r in _records(out2)] == [u.text for u in unblocked]

@@ -14,7 +14,7 @@ from _eval_fixtures import (
     write_mdetr_flickr,
 )
 
-from kosmos2.eval import flickr30k
+from kosmos2.eval import flickr30k, report
 
 
 @pytest.fixture()
@@ -140,7 +140,14 @@ def test_captioning_scores_the_words_after_the_prompt(data) -> None:
         ("CIDEr",),
     )
     assert result["results"]["scores"] == expected["scores"]
-    assert fake.calls[0][2] == {"num_beams": 5}
+    # the protocol's decoding, every option explicit (beam 5 for captions, no-repeat-ngram 3; SPEC §1, §8)
+    assert fake.calls[0][2] == {
+        "max_new_tokens": 64,
+        "num_beams": 5,
+        "do_sample": False,
+        "no_repeat_ngram_size": 3,
+        "length_penalty": 1.0,
+    }
 
 
 def test_mismatched_files_are_reported(data, tmp_path) -> None:
@@ -152,3 +159,24 @@ def test_mismatched_files_are_reported(data, tmp_path) -> None:
         flickr30k.load_split("val", entities_dir=tmp_path / "missing")
     with pytest.raises(ValueError, match="splits are train, val, test"):
         flickr30k.load_split("dev", entities_dir=data["entities"])
+
+
+def test_tiles_state_recall_at_each_k_and_plots_are_per_split(data) -> None:
+    examples = [e for split in ("val", "test") for e in flickr30k.load_split(split, data["entities"], None)]
+    out = data["tmp"] / "labels"
+    flickr30k.evaluate_grounding(
+        ScriptedPredictor(FLICKR_OUTPUTS), examples, data["images"], out, model_id="f", progress=False
+    )
+    records = {r["phrase"]: r for r in map(json.loads, (out / "records.jsonl").read_text().splitlines())}
+    # "Two men": the first box misses both true boxes (IoU 0), the second hits one (0.871): an R@5 hit that
+    # a first-box label would call a miss (fixture comments)
+    assert (
+        flickr30k.recall_verdict(records["Two men"], "val: ") == "val: R@1 miss, R@5 hit, R@10 hit (IoU 0.00)"
+    )
+    assert flickr30k.recall_verdict(records["red hats"]) == "R@1 hit, R@5 hit, R@10 hit (IoU 0.50)"
+    assert flickr30k.recall_verdict(records["his hand"]) == "no box, R@k miss"
+    if report.have_matplotlib():
+        plots = sorted(p.name for p in out.glob("*.png") if p.name != "samples.png")
+        assert plots == ["by_type_test.png", "by_type_val.png", "iou_hist_test.png", "iou_hist_val.png"]
+        md = (out / "report.md").read_text()
+        assert "(iou_hist_val.png)" in md and "(by_type_test.png)" in md and "iou_hist.png" not in md

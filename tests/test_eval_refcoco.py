@@ -10,6 +10,7 @@ from _eval_fixtures import (
     REC_EXPECTED,
     REC_OUTPUTS,
     ScriptedPredictor,
+    obj,
     write_coco_images,
     write_mdetr_refcoco,
     write_refer,
@@ -148,3 +149,72 @@ def test_reg_prompt_and_scores(data) -> None:
     )
     assert result["results"]["scores"] == expected["scores"]
     assert "CIDEr" in (data["tmp"] / "reg" / "report.md").read_text()
+
+
+def test_rec_tiles_state_the_official_verdict(data) -> None:
+    examples = refcoco.load_split("refcoco", "val", refer_dir=data["refer"])
+    out = data["tmp"] / "verdicts"
+    refcoco.evaluate_rec(ScriptedPredictor(REC_OUTPUTS), examples, data["images"], out, model_id="f")
+    records = {r["expression"]: r for r in map(json.loads, (out / "records.jsonl").read_text().splitlines())}
+    # the left dog: first box IoU 0.5 exactly (a hit); the tall man: a lone location token, no box
+    assert refcoco.rec_verdict(records["the left dog"], "val: ") == "val: first box IoU 0.50, hit"
+    assert refcoco.rec_verdict(records["the tall man"], "val: ") == "val: no box, miss"
+
+
+def _rotated_jpeg(path, orientation: int = 6):
+    """A JPEG stored 320×240, left half red and right half blue, whose EXIF tag says "rotate 90° to show"."""
+    from PIL import Image
+
+    image = Image.new("RGB", (320, 240), (220, 20, 20))
+    image.paste((20, 20, 220), (160, 0, 320, 240))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(path, format="JPEG", quality=95, exif=exif.tobytes())
+    return path
+
+
+def _near(pixel, colour, tolerance: int = 40) -> bool:
+    return all(abs(a - b) <= tolerance for a, b in zip(pixel, colour, strict=True))
+
+
+def test_exif_tagged_images_are_evaluated_as_stored(tmp_path) -> None:
+    from PIL import Image
+
+    from kosmos2.eval import report
+    from kosmos2.image import load_image
+
+    (tmp_path / "coco").mkdir()
+    path = _rotated_jpeg(tmp_path / "coco" / "rotated.jpg")
+    assert load_image(path).size == (240, 320)  # a viewer (and the predictor's default) would rotate it
+    example = refcoco.RefExample(
+        id="refcoco/val/rot",
+        dataset="refcoco",
+        split="val",
+        file_name="rotated.jpg",
+        size=(320, 240),  # the annotation's: the stored frame
+        expression="the red half",
+        box=(0.0, 0.0, 160.0, 90.0),
+        object_id="1",
+    )
+    # cells (0, 0) and (11, 15) of the 32×32 grid, different rows and columns: centres (0.5/32, 0.5/32) and
+    # (15.5/32, 11.5/32); on 320×240 that is (5, 3.75, 155, 86.25); IoU with (0, 0, 160, 90) is
+    # 150 × 82.5 / (160 × 90) = 0.859375
+    fake = ScriptedPredictor({"<grounding><phrase>the red half</phrase>": obj((0, 11 * 32 + 15))})
+    out = tmp_path / "out"
+    result = refcoco.evaluate_rec(fake, [example], tmp_path / "coco", out, model_id="f", progress=False)
+    assert fake.calls[0][1] == [(320, 240)]  # the predictor saw the stored frame
+    (record,) = map(json.loads, (out / "records.jsonl").read_text().splitlines())
+    assert record["predicted"] == [[5.0, 3.75, 155.0, 86.25]]
+    assert (
+        record["iou_first"] == pytest.approx(0.859375)
+        and result["results"]["refcoco"]["val"]["acc_first"] == 100
+    )
+
+    # the sample sheet draws the stored frame too: 320×240 fitted into 256×256 at scale 0.8 is 256×192,
+    # centred 32 px down, below the 22 px legend; red on the left, blue on the right
+    sheet = Image.open(out / "samples.png").convert("RGB")
+    top = 22 + 32
+    assert _near(sheet.getpixel((40, top + 150)), (220, 20, 20))
+    assert _near(sheet.getpixel((220, top + 150)), (20, 20, 220))
+    assert sheet.getpixel((128, top + 36)) == report.TRUTH_COLOUR  # right edge of (0, 0, 160, 90) × 0.8
+    assert sheet.getpixel((124, top + 36)) == report.PREDICTED_COLOUR  # right edge of 155 × 0.8, thick

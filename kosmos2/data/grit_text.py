@@ -211,7 +211,7 @@ def verify_model_files(name: str | None = None) -> dict[str, str]:
 #   nouns = grit_text.make_abstract_nouns(exclude=("time",), extra={"vibes"})
 # Entries are lower-case singular forms (plurals are matched, see `_head_forms`). Nouns that often name
 # something visible stay out even when they can be abstract: "art", "game", "party", "family", "team",
-# "nature", "sunset", "view", "work", and words with a common concrete sense ("control", "case", "range",
+# "nature", "sunset", "work", and words with a common concrete sense ("control", "case", "range",
 # "scale", "weight", "order", "service", "support", "design", "style", "title", "form", "goal", "level",
 # "message", "pride", "youth", "march", "may"). A head with a compound modifier is never abstract ("a parking
 # lot", "a space age"): the compound usually makes a concrete kind, and a wrongly kept chunk costs less than
@@ -262,11 +262,18 @@ ABSTRACT_NOUN_GROUPS: dict[str, str] = {
         maximum minimum ratio rate""",
     "generic terms": """
         example instance fact aspect matter topic theme term name look feel appearance""",
-    # spaCy makes chunks of pronouns too; these point at no visible referent of their own (personal pronouns,
-    # "he", "they", "I", usually name a visible person and stay).
+    # The picture itself and where in it: "an aerial view of a city" would otherwise become one whole-image
+    # expression that contains (and so, after the containment filter, swallows) "a city" and every other
+    # phrase; "in front of", "in the background" name a position, not a thing.
+    "the picture and places in it": """
+        view close-up closeup photo photograph picture image snapshot background foreground front""",
+    # spaCy makes chunks of pronouns too. A pronoun has no words a detector could match to a region: "it",
+    # "something" point at nothing of their own, "I" and "we" are mostly the photographer, and "he", "she",
+    # "they" repeat a person the caption names elsewhere (or not at all).
     "pronouns": """
         it itself something anything nothing everything which what whatever who whom whoever that this these
-        those""",
+        those i me myself we us ourselves you yourself yourselves he him himself she her herself they them
+        themselves""",
 }
 
 
@@ -285,10 +292,11 @@ def _head_forms(token: Token) -> set[str]:
     and, if it ends in "s", candidate singulars (the lemmatiser is left out for speed, and the tagger calls a
     capitalised plural such as "Memories" a proper noun, so the tag is not consulted). A wrong candidate
     ("glasses" -> "glasse") is harmless: it only matters if it is in the list."""
+    forms = _hyphenated(token)
     if token.lemma_:
-        return {token.lemma_.lower(), token.lower_}
+        return forms | {token.lemma_.lower(), token.lower_}
     word = token.lower_
-    forms = {word}
+    forms.add(word)
     if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
         forms.add(word[:-1])  # ideas -> idea
         if word.endswith("es"):
@@ -300,10 +308,21 @@ def _head_forms(token: Token) -> set[str]:
     return forms
 
 
+def _hyphenated(token: Token) -> set[str]:
+    """{"close-up"} for the head "up" of "a close-up" (spaCy splits a hyphenated word into three tokens and
+    makes the last its head); an empty set for a head that does not end a hyphenated word."""
+    i, doc = token.i, token.doc
+    if i >= 2 and doc[i - 1].text == "-" and not doc[i - 2].whitespace_ and not doc[i - 1].whitespace_:
+        return {f"{doc[i - 2].lower_}-{token.lower_}"}
+    return set()
+
+
 def _is_abstract_head(root: Token, nouns: frozenset[str]) -> bool:
     if _head_forms(root).isdisjoint(nouns):
         return False
-    return not any(child.dep_ == "compound" for child in root.children)
+    # the first part of a listed hyphenated word ("close" of "close-up") is no compound modifier
+    own = root.i - 2 if not _hyphenated(root).isdisjoint(nouns) else None
+    return not any(child.dep_ == "compound" and child.i != own for child in root.children)
 
 
 def is_abstract(chunk: Span, nouns: frozenset[str] = ABSTRACT_NOUNS) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import sys
 from pathlib import Path
@@ -54,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--task", choices=("rec", "reg"), default="rec")
     _text_metrics(p)
-    _common(p)
+    _common(p, "the official one: greedy, no-repeat-ngram 3, up to 64 new tokens")
     p.set_defaults(func=run_refcoco)
 
     p = sub.add_parser(
@@ -75,7 +76,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--task", choices=("grounding", "caption"), default="grounding")
     p.add_argument("--caption-prompt", default="An image of", help="captioning prompt (default: %(default)r)")
     _text_metrics(p)
-    _common(p)
+    _common(
+        p,
+        "the official one: greedy for grounding, 5 beams for captions; no-repeat-ngram 3; up to 64 "
+        "new tokens",
+    )
     p.set_defaults(func=run_flickr30k)
 
     p = sub.add_parser(
@@ -104,14 +109,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=list(DEFAULT_TASKS),
         help=f"world tasks to evaluate, of {' '.join(WORLD_TASKS)} (default: all but caption)",
     )
-    p.add_argument(
-        "--no-repeat-ngram-size",
-        type=int,
-        default=0,
-        help="n-gram blocking; 0 (the default) as the world's captions repeat trigrams",
-    )
     p.add_argument("--samples-file", type=Path, help="a JSON Lines file of REC / phrase samples instead")
-    _common(p, max_new_tokens=96)
+    _common(p, "the world's: greedy, up to 96 new tokens, no n-gram blocking (its captions repeat trigrams)")
     p.set_defaults(func=run_synthetic)
 
 
@@ -126,7 +125,21 @@ def _text_metrics(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _common(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
+def _common(p: argparse.ArgumentParser, decoding: str) -> None:
+    d = p.add_argument_group(
+        "decoding",
+        f"The protocol's decoding is pinned ({decoding}); the model's generation_config.json decides "
+        "nothing. These options change it explicitly, and metrics.json records the decoding used and any "
+        "change.",
+    )
+    d.add_argument("--max-new-tokens", type=int, help="generation length (default: the protocol's)")
+    d.add_argument("--num-beams", type=int, help="beam size (default: the protocol's)")
+    d.add_argument(
+        "--no-repeat-ngram-size", type=int, help="n-gram blocking, 0 = off (default: the protocol's)"
+    )
+    d.add_argument(
+        "--length-penalty", type=float, help="beam score length exponent (default: the protocol's, 1.0)"
+    )
     g = p.add_argument_group("model and run")
     g.add_argument(
         "--model",
@@ -142,12 +155,6 @@ def _common(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
     )
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--limit", type=int, help="evaluate only the first N queries of each split (quick runs)")
-    g.add_argument(
-        "--max-new-tokens", type=int, default=max_new_tokens, help="generation length (default: %(default)s)"
-    )
-    g.add_argument(
-        "--num-beams", type=int, help="beam size (default: 1, greedy; 5 for captions as the paper)"
-    )
     g.add_argument(
         "--model-id", help="name of the model in cache keys (default: path + file sizes and times)"
     )
@@ -193,11 +200,20 @@ def load_predictor(args: argparse.Namespace) -> Any:
     )
 
 
-def generation_settings(args: argparse.Namespace, default_beams: int = 1) -> dict[str, Any]:
-    beams = args.num_beams if args.num_beams is not None else default_beams
-    if args.max_new_tokens < 1 or beams < 1:
-        raise ValueError("--max-new-tokens and --num-beams must be at least 1")
-    return {"max_new_tokens": args.max_new_tokens, "num_beams": beams}
+def generation_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The decoding options given on the command line: explicit changes to the protocol's decoding."""
+    given = {
+        "max_new_tokens": args.max_new_tokens,
+        "num_beams": args.num_beams,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
+        "length_penalty": args.length_penalty,
+    }
+    for name, least in (("max_new_tokens", 1), ("num_beams", 1), ("no_repeat_ngram_size", 0)):
+        if given[name] is not None and given[name] < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {least}, got {given[name]}")
+    if given["length_penalty"] is not None and not math.isfinite(given["length_penalty"]):
+        raise ValueError(f"--length-penalty must be a finite number, got {given['length_penalty']}")
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _run_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -317,7 +333,7 @@ def run_flickr30k(args: argparse.Namespace) -> int:
                 else:
                     found = flickr30k.caption_references(flickr30k.load_split(split, None, args.mdetr_dir))
                 images.update(dict(limit_queries(list(found.items()), args.limit)))
-        generation = generation_settings(args, default_beams=1 if args.task == "grounding" else 5)
+        generation = generation_settings(args)
     except (ValueError, FileNotFoundError) as e:
         return _fail(str(e))
     if args.task == "caption" and (missing := _missing_text_metrics()):
@@ -371,9 +387,6 @@ def run_synthetic(args: argparse.Namespace) -> int:
         # --limit N: the first N queries of each task and split (a prefix of the full run, so cached)
         n = min(args.n_per_task, args.limit) if args.limit is not None else args.n_per_task
         generation = generation_settings(args)
-        if args.no_repeat_ngram_size < 0:
-            raise ValueError(f"--no-repeat-ngram-size must be >= 0, got {args.no_repeat_ngram_size}")
-        generation["no_repeat_ngram_size"] = args.no_repeat_ngram_size
         if args.samples < 0:
             raise ValueError(f"--samples must be >= 0, got {args.samples}")
     except (ValueError, FileNotFoundError) as e:

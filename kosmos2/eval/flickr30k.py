@@ -45,6 +45,9 @@ from kosmos2.eval.runner import (
     Query,
     RunStats,
     default_cache,
+    describe_generation,
+    generation_record,
+    pinned_generation,
     resolve_image,
     run_queries,
 )
@@ -54,6 +57,17 @@ from kosmos2.grounding import GROUNDING, PHRASE_END, PHRASE_START
 Box = tuple[float, float, float, float]
 
 SPLITS = ("val", "test")
+# The protocols' decoding (SPEC §1 and §8, docs/EVAL.md): phrase grounding greedy, captions beam search with 5
+# beams, both with no-repeat-ngram 3; up to 64 new tokens (ours; the official runs allowed 500). Passed in
+# full, so a checkpoint's generation_config.json decides nothing; `generation=` changes them explicitly.
+GROUNDING_GENERATION: dict[str, Any] = {
+    "max_new_tokens": 64,
+    "num_beams": 1,
+    "do_sample": False,
+    "no_repeat_ngram_size": 3,
+    "length_penalty": 1.0,
+}
+CAPTION_GENERATION: dict[str, Any] = {**GROUNDING_GENERATION, "num_beams": 5}
 # Kosmos-2 zero-shot phrase grounding, R@1/5/10 in percent (paper Table 1; official README, all phrases).
 PAPER_RECALL: dict[str, dict[str, float]] = {
     "val": {"R@1": 77.8, "R@5": 79.2, "R@10": 79.3},
@@ -471,8 +485,12 @@ def evaluate_grounding(
     progress: bool = True,
     samples: int = 16,
 ) -> dict[str, Any]:
-    """Run phrase grounding on `examples`, write the report to out_dir, return the metrics."""
+    """Run phrase grounding on `examples`, write the report to out_dir, return the metrics.
+
+    generation: changes to the protocol's decoding (GROUNDING_GENERATION); None: the protocol's.
+    """
     out_dir = Path(out_dir)
+    generation = pinned_generation(GROUNDING_GENERATION, generation)
     queries = grounding_queries(examples, images_dir)
     predictions, stats = run_queries(
         predictor,
@@ -503,12 +521,16 @@ def grounding_result(
     model_id: str,
     generation: Mapping[str, Any] | None,
     protocol: str,
+    protocol_generation: Mapping[str, Any] = GROUNDING_GENERATION,
 ) -> dict[str, Any]:
-    """The metrics.json content of a phrase-grounding run: settings, `summarize(records)`, run statistics."""
+    """The metrics.json content of a phrase-grounding run: settings, `summarize(records)`, run statistics.
+
+    generation: the decoding used; protocol_generation: the protocol's (a difference is listed).
+    """
     return {
         "task": "phrase-grounding",
         "model": model_id,
-        "generation": dict(generation or {}),
+        **generation_record(protocol_generation, generation or {}),
         "protocol": protocol,
         "results": summarize(records),
         "run": stats.to_json(),
@@ -526,6 +548,7 @@ def write_grounding_report(
         "",
         f"Model: `{result['model']}`. Protocol: `{result['protocol']}` (SPEC §11). Queries: "
         f"{result['run']['queries']} ({result['run']['from_cache']} from the cache).",
+        describe_generation(result),
         "",
     ]
     rows = []
@@ -571,38 +594,17 @@ def write_grounding_report(
                 ),
                 "",
             ]
-    hist = report.iou_histogram(
-        [r["ious"]["1"] for r in records],
-        out_dir / "iou_hist.png",
-        "Phrase grounding: best IoU of the first box",
-    )
-    groups = sorted({t for r in records for t in r["types"]})
-    bars = None
-    if groups:
-        rows_by = {g: [r for r in records if g in r["types"]] for g in groups}
-        bars = report.bar_chart(
-            groups,
-            {
-                f"R@{k}": [
-                    100.0 * sum(r["ious"][str(k)] >= metrics.IOU_THRESHOLD for r in rs) / len(rs)
-                    for rs in rows_by.values()
-                ]
-                for k in metrics.RECALL_KS
-            },
-            out_dir / "by_type.png",
-            "Recall by phrase type",
-            "phrase type",
-            counts=[len(rs) for rs in rows_by.values()],
-        )
+    md += grounding_plots(out_dir, records)
     sheet = report.sample_sheet(
         report.pick_samples(
             [
                 report.Sample(
                     r["image"],
-                    f"{r['phrase']} (IoU {r['ious']['1']:.2f}) in: {r['caption']}",
+                    f"{r['phrase']} in: {r['caption']}",
                     r["truth"],
                     r["predicted"],
                     r["ious"]["1"] >= metrics.IOU_THRESHOLD,
+                    verdict=recall_verdict(r, f"{r['split']}: "),
                 )
                 for r in records
             ],
@@ -611,12 +613,62 @@ def write_grounding_report(
         out_dir / "samples.png",
         load=load,
     )
-    md += [report.image_link(hist, out_dir, "IoU histogram"), ""]
-    if groups:
-        md += [report.image_link(bars, out_dir, "recall by phrase type"), ""]
     if sheet:
-        md += [report.image_link(sheet, out_dir, "samples"), ""]
+        md += [
+            "## Samples",
+            "",
+            "Each tile says its split and R@k for each k: a hit when one of the first k boxes has IoU ≥ 0.5",
+            "with a true box (the best IoU of the first box in brackets); tiles are picked by R@1.",
+            "",
+            report.image_link(sheet, out_dir, "samples"),
+            "",
+        ]
     atomic_write_text(out_dir / "report.md", "\n".join(md))
+
+
+def recall_verdict(record: Mapping[str, Any], where: str = "") -> str:
+    """A sample tile's first line: `where` (e.g. "val: ") and R@k hit or miss for each k ("R@1 miss, R@5
+    hit, R@10 hit (IoU 0.31)", the IoU that of the first box)."""
+    if not record["decoded"]:
+        return f"{where}no box, R@k miss"
+    ious = record["ious"]
+    parts = [f"R@{k} {'hit' if ious[k] >= metrics.IOU_THRESHOLD else 'miss'}" for k in sorted(ious, key=int)]
+    return f"{where}{', '.join(parts)} (IoU {ious['1']:.2f})"
+
+
+def grounding_plots(out_dir: Path, records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One IoU histogram and one recall-by-type chart per split; their report.md lines."""
+    by_split: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_split[r["split"]].append(r)
+    md = []
+    for split, rs in by_split.items():
+        name = report.slug(split)
+        hist = report.iou_histogram(
+            [r["ious"]["1"] for r in rs],
+            out_dir / f"iou_hist_{name}.png",
+            f"Phrase grounding {split}: best IoU of the first box (n={len(rs)})",
+        )
+        md += [f"## {split}: plots", "", report.image_link(hist, out_dir, f"IoU histogram, {split}"), ""]
+        groups = sorted({t for r in rs for t in r["types"]})
+        if groups:
+            rows_by = {g: [r for r in rs if g in r["types"]] for g in groups}
+            bars = report.bar_chart(
+                groups,
+                {
+                    f"R@{k}": [
+                        100.0 * sum(r["ious"][str(k)] >= metrics.IOU_THRESHOLD for r in group) / len(group)
+                        for group in rows_by.values()
+                    ]
+                    for k in metrics.RECALL_KS
+                },
+                out_dir / f"by_type_{name}.png",
+                f"Phrase grounding {split}: recall by phrase type",
+                "phrase type",
+                counts=[len(group) for group in rows_by.values()],
+            )
+            md += [report.image_link(bars, out_dir, f"recall by phrase type, {split}"), ""]
+    return md
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -662,11 +714,15 @@ def evaluate_captions(
     progress: bool = True,
     metrics_names: Sequence[str] = ("CIDEr", "METEOR"),
 ) -> dict[str, Any]:
-    """Caption each image with `prompt`; score the words after the prompt against its five captions."""
+    """Caption each image with `prompt`; score the words after the prompt against its five captions.
+
+    generation: changes to the protocol's decoding (CAPTION_GENERATION); None: the protocol's.
+    """
     from kosmos2.eval import text_metrics
 
     text_metrics.require()
     out_dir = Path(out_dir)
+    generation = pinned_generation(CAPTION_GENERATION, generation)
     queries = [
         Query(f"flickr30k-caption/{i}", resolve_image(images_dir, fn, IMAGE_SUBDIRS), prompt, size)
         for i, (fn, _, size, _) in images.items()
@@ -688,7 +744,7 @@ def evaluate_captions(
         "task": "caption",
         "model": model_id,
         "prompt": prompt,
-        "generation": dict(generation or {}),
+        **generation_record(CAPTION_GENERATION, generation),
         "results": scores,
         "paper": {"CIDEr": PAPER_CAPTION_CIDER},
         "run": stats.to_json(),
@@ -716,6 +772,7 @@ def evaluate_captions(
         "# Flickr30k captioning",
         "",
         f"Model: `{model_id}`. Prompt `{prompt}`. {len(ids)} images. Tokenizer: {scores['tokenizer']}.",
+        describe_generation(result),
         "",
         report.markdown_table(["metric", "ours (×100)", "paper"], rows),
         "",

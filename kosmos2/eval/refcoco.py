@@ -44,6 +44,9 @@ from kosmos2.eval.runner import (
     Query,
     RunStats,
     default_cache,
+    describe_generation,
+    generation_record,
+    pinned_generation,
     resolve_image,
     run_queries,
 )
@@ -67,6 +70,19 @@ PAPER_REC: dict[str, dict[str, float]] = {
 }
 # Kosmos-2 zero-shot referring expression generation on RefCOCOg (paper Table 3).
 PAPER_REG: dict[str, float] = {"METEOR": 12.2, "CIDEr": 60.3}
+
+# The protocols' decoding (SPEC §8, docs/EVAL.md): greedy, no-repeat-ngram 3 over the whole sequence. The
+# official runs allowed 500 new tokens; 64 is ours (the boxes come right after the prompt, and REG's words
+# end long before). Every option is passed explicitly, so a checkpoint's generation_config.json decides
+# nothing; `generation=` changes them explicitly and metrics.json records what was used.
+REC_GENERATION: dict[str, Any] = {
+    "max_new_tokens": 64,
+    "num_beams": 1,
+    "do_sample": False,
+    "no_repeat_ngram_size": 3,
+    "length_penalty": 1.0,
+}
+REG_GENERATION: dict[str, Any] = dict(REC_GENERATION)
 
 LENGTH_BUCKETS = ((1, 2), (3, 4), (5, 6), (7, 9), (10, 10**9))
 
@@ -373,8 +389,12 @@ def evaluate_rec(
     progress: bool = True,
     samples: int = 16,
 ) -> dict[str, Any]:
-    """Run REC on `examples` (any mix of datasets and splits), write the report to out_dir, return metrics."""
+    """Run REC on `examples` (any mix of datasets and splits), write the report to out_dir, return metrics.
+
+    generation: changes to the protocol's decoding (REC_GENERATION); None: the protocol's.
+    """
     out_dir = Path(out_dir)
+    generation = pinned_generation(REC_GENERATION, generation)
     queries = rec_queries(examples, images_dir)
     predictions, stats = run_queries(
         predictor,
@@ -404,12 +424,16 @@ def rec_result(
     model_id: str,
     generation: Mapping[str, Any] | None,
     protocol: str,
+    protocol_generation: Mapping[str, Any] = REC_GENERATION,
 ) -> dict[str, Any]:
-    """The metrics.json content of a REC run: settings, `summarize(records)`, run statistics."""
+    """The metrics.json content of a REC run: settings, `summarize(records)`, run statistics.
+
+    generation: the decoding used; protocol_generation: the protocol's (a difference is listed).
+    """
     return {
         "task": "rec",
         "model": model_id,
-        "generation": dict(generation or {}),
+        **generation_record(protocol_generation, generation or {}),
         "protocol": protocol,
         "results": summarize(records),
         "run": stats.to_json(),
@@ -452,32 +476,20 @@ def write_rec_report(
         ],
         rows,
     )
-    hist = report.iou_histogram(
-        [r["iou_first"] for r in records], out_dir / "iou_hist.png", "REC: IoU of the first generated box"
-    )
-    buckets = [f"{lo}-{hi}" if hi < 10**9 else f"{lo}+" for lo, hi in LENGTH_BUCKETS]
-    present = [b for b in buckets if any(r["length"] == b for r in records)]
-    by_len = {b: [r for r in records if r["length"] == b] for b in present}
-    bars = report.bar_chart(
-        present,
-        {
-            v: [100.0 * sum(r[f"correct_{v}"] for r in rs) / len(rs) for rs in by_len.values()]
-            for v in ("first", "any", "mean")
-        },
-        out_dir / "by_length.png",
-        "REC accuracy by expression length",
-        "words in the expression",
-        counts=[len(rs) for rs in by_len.values()],
-    )
+    plots = rec_plots(out_dir, records)
+    several = len({r["dataset"] for r in records}) > 1
     sheet = report.sample_sheet(
         report.pick_samples(
             [
                 report.Sample(
                     r["image"],
-                    f"{r['expression']} (IoU {r['iou_first']:.2f})",
+                    r["expression"],
                     r["truth"],
                     r["predicted"],
                     r["correct_first"],
+                    verdict=rec_verdict(
+                        r, f"{r['dataset']} {r['split']}: " if several else f"{r['split']}: "
+                    ),
                 )
                 for r in records
             ],
@@ -491,6 +503,7 @@ def write_rec_report(
         "",
         f"Model: `{result['model']}`. Protocol: `{result['protocol']}` (SPEC §11). "
         f"Queries: {result['run']['queries']} ({result['run']['from_cache']} from the cache).",
+        describe_generation(result),
         "",
         table,
         "",
@@ -498,14 +511,61 @@ def write_rec_report(
         "mean) are the other two variants of the official script. *no box*: queries where nothing decodable",
         "was attached to the expression (counted as misses).",
         "",
-        report.image_link(hist, out_dir, "IoU histogram"),
+        *plots,
+        "## Samples",
         "",
-        report.image_link(bars, out_dir, "accuracy by expression length"),
+        "Each tile says its split and the official verdict: the first generated box's IoU, a hit at ≥ 0.5.",
         "",
         report.image_link(sheet, out_dir, "samples") if sheet else "",
         "",
     ]
     atomic_write_text(out_dir / "report.md", "\n".join(md))
+
+
+def rec_verdict(record: Mapping[str, Any], where: str = "") -> str:
+    """A sample tile's first line: `where` (e.g. "val: ") and the official metric's verdict on the record."""
+    if not record["decoded"]:
+        return f"{where}no box, miss"
+    hit = "hit" if record["correct_first"] else "miss"
+    return f"{where}first box IoU {record['iou_first']:.2f}, {hit}"
+
+
+def rec_plots(out_dir: Path, records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One IoU histogram and one accuracy-by-length chart per dataset and split; their report.md lines."""
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[(r["dataset"], r["split"])].append(r)
+    buckets = [f"{lo}-{hi}" if hi < 10**9 else f"{lo}+" for lo, hi in LENGTH_BUCKETS]
+    md = []
+    for (dataset, split), rs in groups.items():
+        name = report.slug(dataset, split)
+        hist = report.iou_histogram(
+            [r["iou_first"] for r in rs],
+            out_dir / f"iou_hist_{name}.png",
+            f"REC {dataset} {split}: IoU of the first generated box (n={len(rs)})",
+        )
+        by_len = {b: [r for r in rs if r["length"] == b] for b in buckets}
+        by_len = {b: group for b, group in by_len.items() if group}
+        bars = report.bar_chart(
+            list(by_len),
+            {
+                v: [100.0 * sum(r[f"correct_{v}"] for r in group) / len(group) for group in by_len.values()]
+                for v in ("first", "any", "mean")
+            },
+            out_dir / f"by_length_{name}.png",
+            f"REC {dataset} {split}: accuracy by expression length",
+            "words in the expression",
+            counts=[len(group) for group in by_len.values()],
+        )
+        md += [
+            f"## {dataset} {split}",
+            "",
+            report.image_link(hist, out_dir, f"IoU histogram, {dataset} {split}"),
+            "",
+            report.image_link(bars, out_dir, f"accuracy by expression length, {dataset} {split}"),
+            "",
+        ]
+    return md
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -532,11 +592,15 @@ def evaluate_reg(
     progress: bool = True,
     metrics_names: Sequence[str] = ("CIDEr", "METEOR"),
 ) -> dict[str, Any]:
-    """Describe each referred object (one query per object) and score against all its expressions."""
+    """Describe each referred object (one query per object) and score against all its expressions.
+
+    generation: changes to the protocol's decoding (REG_GENERATION); None: the protocol's.
+    """
     from kosmos2.eval import text_metrics
 
     text_metrics.require()
     out_dir = Path(out_dir)
+    generation = pinned_generation(REG_GENERATION, generation)
     objects: dict[str, list[RefExample]] = defaultdict(list)
     for e in examples:
         objects[f"{e.dataset}/{e.split}/object{e.object_id}"].append(e)
@@ -564,7 +628,7 @@ def evaluate_reg(
     result = {
         "task": "reg",
         "model": model_id,
-        "generation": dict(generation or {}),
+        **generation_record(REG_GENERATION, generation),
         "protocol": "prompt <phrase> It</phrase><object>{box}</object> is; words after the prompt vs. all "
         "expressions of the object",
         "results": scores,
@@ -589,6 +653,7 @@ def evaluate_reg(
         "# Referring expression generation",
         "",
         f"Model: `{model_id}`. {len(queries)} objects. Tokenizer: {scores['tokenizer']}.",
+        describe_generation(result),
         "",
         report.markdown_table(["metric", "ours (×100)", "paper, RefCOCOg zero-shot"], rows),
         "",

@@ -4,9 +4,10 @@
       metrics.json       summary numbers, settings, run statistics (what a script reads)
       records.jsonl      one line per query: prompt, generated text, true and predicted boxes, IoUs
       report.md          the tables (with the paper's numbers beside ours) and links to the pictures
-      iou_hist.png       distribution of the first-box IoU (matplotlib)
-      by_*.png           accuracy or recall by expression length / phrase type (matplotlib)
-      samples.png        a grid of images: true boxes green, predicted boxes red (first box thick)
+      iou_hist_<split>.png   distribution of the first-box IoU, one plot per split (matplotlib)
+      by_*_<split>.png       accuracy or recall by expression length / phrase type, one per split
+      samples.png            a grid of images: true boxes green, predicted boxes red (first box thick),
+                             each labelled with the metric that judged it ("R@5 hit", "first box IoU 0.62")
 
 Plots use matplotlib's object API (no global pyplot state, Agg canvas); without matplotlib they are skipped
 and report.md says so. The sample sheet is drawn with Pillow.
@@ -147,13 +148,23 @@ def bar_chart(
 
 @dataclass(frozen=True)
 class Sample:
-    """One tile of the sample sheet: the image, a caption, true and predicted pixel boxes."""
+    """One tile of the sample sheet: the image, a caption, true and predicted pixel boxes.
+
+    correct: the hit or miss that `pick_samples` balances. verdict: the tile's first line, naming the metric
+    that judged it ("first box IoU 0.62: miss", "R@1 miss, R@5 hit"); empty: plain "hit" / "miss".
+    """
 
     image: Any  # path or PIL image
     title: str
     truth: Sequence[Box]
     predicted: Sequence[Box]
     correct: bool
+    verdict: str = ""
+
+
+def slug(*parts: str) -> str:
+    """A file-name part from dataset / split names ("refcoco+", "val" -> "refcoco+_val")."""
+    return "_".join("".join(c if c.isalnum() or c in "+-" else "-" for c in str(p)) for p in parts)
 
 
 def pick_samples(samples: Sequence[Sample], count: int) -> list[Sample]:
@@ -172,11 +183,15 @@ def sample_sheet(
     tile: int = 256,
     load: Callable[[Any], Image.Image] | None = None,
 ) -> Path | None:
-    """Grid of tiles, each the image fitted into tile×tile with true (green) and predicted (red) boxes."""
+    """Grid of tiles, each the image fitted into tile×tile with true (green) and predicted (red) boxes.
+
+    load: turns Sample.image into a PIL image (default: the stored frame, no EXIF rotation, as evaluation
+    reads images and as the datasets' boxes are given).
+    """
     if not samples:
         return None
     if load is None:
-        from kosmos2.image import load_image as load
+        from kosmos2.eval.runner import load_stored_frame as load
     font = ImageFont.load_default(size=12)
     caption_h = 48
     rows = math.ceil(len(samples) / columns)
@@ -207,7 +222,9 @@ def sample_sheet(
             rect(box, TRUTH_COLOUR, 2)
         for j, box in enumerate(s.predicted):
             rect(box, PREDICTED_COLOUR, 3 if j == 0 else 1)
-        lines = textwrap.wrap(f"{'hit' if s.correct else 'miss'} {s.title}", width=tile // 7)[:3]
+        width = tile // 7
+        verdict = textwrap.wrap(s.verdict or ("hit" if s.correct else "miss"), width=width)
+        lines = (verdict + textwrap.wrap(s.title, width=width))[:3]
         draw.multiline_text((x0 + 4, y0 + tile + 2), "\n".join(lines), fill=(0, 0, 0), font=font, spacing=2)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

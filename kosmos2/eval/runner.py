@@ -222,8 +222,8 @@ def run_queries(
     predictor: anything with the batched `ground` above. model_id: names the model in cache keys (a changed
     checkpoint must get a new id). cache: a PredictionCache, a path, or None (no cache). batch_size: queries
     per model call. generation: keyword arguments passed to `ground` and made part of the cache key.
-    load: turns Query.image into what the predictor takes (default: kosmos2.image.load_image for paths,
-    anything else passed through).
+    load: turns Query.image into what the predictor takes (default: `load_stored_frame`, which reads paths and
+    PIL images without applying EXIF orientation; anything else is passed through).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -237,7 +237,7 @@ def run_queries(
     generation = dict(generation or {})
     if cache is not None and not isinstance(cache, PredictionCache):
         cache = PredictionCache(cache)
-    load = load or _load_image
+    load = load or load_stored_frame
 
     out: dict[str, Prediction] = {}
     todo: list[tuple[str, Query]] = []
@@ -286,6 +286,39 @@ def run_queries(
     return out, stats
 
 
+def pinned_generation(
+    protocol: Mapping[str, Any], overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The protocol's decoding with `overrides` (explicit changes) applied.
+
+    Every decoding option the protocol fixes is passed to the predictor, so a checkpoint's own
+    generation_config.json (which may, say, turn n-gram blocking off or sampling on) decides nothing; the
+    result is what metrics.json records as the decoding used.
+    """
+    return {**protocol, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+
+
+def generation_record(protocol: Mapping[str, Any], used: Mapping[str, Any]) -> dict[str, Any]:
+    """metrics.json's account of decoding: "generation" (what was used) and, when it is not the protocol's,
+    "generation_changed": {option: {"protocol": value, "used": value}}."""
+    changed = {
+        k: {"protocol": protocol.get(k), "used": used.get(k)}
+        for k in sorted(set(protocol) | set(used))
+        if protocol.get(k) != used.get(k)
+    }
+    return {"generation": dict(used), **({"generation_changed": changed} if changed else {})}
+
+
+def describe_generation(result: Mapping[str, Any]) -> str:
+    """report.md's line on decoding, from a metrics.json content with `generation_record`'s keys."""
+    used = json.dumps(result.get("generation", {}), sort_keys=True)
+    changed = result.get("generation_changed")
+    if not changed:
+        return f"Decoding: `{used}` (the protocol's)."
+    changes = ", ".join(f"{k} {v['protocol']!r} → {v['used']!r}" for k, v in changed.items())
+    return f"Decoding: `{used}`, **changed from the protocol's**: {changes}."
+
+
 def default_cache(
     cache: PredictionCache | str | os.PathLike | None, out_dir: str | os.PathLike
 ) -> PredictionCache | str | os.PathLike:
@@ -298,11 +331,20 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
-def _load_image(source: Any) -> Any:
-    if isinstance(source, (str, os.PathLike)):
+def load_stored_frame(source: Any) -> Any:
+    """A dataset image (a path or a PIL image) as stored, in RGB: EXIF orientation is not applied.
+
+    The benchmarks annotate the stored pixels (COCO's and Flickr30k's width, height and boxes are those of
+    the frame as stored) and the official pipeline ignores the tag, so an image stored 320×240 with
+    orientation 6 is evaluated as 320×240, not as the 240×320 a viewer shows.
+    """
+    from PIL import Image
+
+    if isinstance(source, (str, os.PathLike, Image.Image)):
         from kosmos2.image import load_image
 
-        return load_image(source)
+        # a PIL image too: opened from a tagged file it still carries the tag, which the predictor would apply
+        return load_image(source, exif_orientation=False)
     return source
 
 

@@ -57,7 +57,16 @@ from typing import Any
 from PIL import Image
 
 from kosmos2.eval import flickr30k, metrics, refcoco, report
-from kosmos2.eval.runner import GroundingPredictor, PredictionCache, Query, default_cache, run_queries
+from kosmos2.eval.runner import (
+    GroundingPredictor,
+    PredictionCache,
+    Query,
+    default_cache,
+    generation_record,
+    load_stored_frame,
+    pinned_generation,
+    run_queries,
+)
 from kosmos2.fileio import atomic_write_text
 
 Box = tuple[float, float, float, float]
@@ -143,6 +152,8 @@ def evaluate(
 
     Results: {"rec": {name: {"rec": rec_summary}}, "phrases": {name: {"recall": ..., "undecodable": n}}}
     (the same structure and numbers as `kosmos2 eval refcoco` / `kosmos2 eval flickr30k`).
+    generation: changes to the world's decoding (GENERATION); None: GENERATION. Images are read as stored
+    (no EXIF rotation), as their pixel boxes are given.
     """
     if not rec and not phrases:
         raise ValueError("nothing to evaluate: give REC samples, phrase samples, or both")
@@ -156,17 +167,18 @@ def evaluate(
     images = {s.id: s.image for s in (*rec, *phrases)}
 
     def load(key: Any) -> Any:
-        image = images[key] if key in images else key
-        if isinstance(image, (str, os.PathLike)):
-            from kosmos2.image import load_image
+        # as stored (no EXIF rotation): the sizes above and the boxes are of the stored frame
+        return load_stored_frame(images[key] if key in images else key)
 
-            return load_image(image)
-        return image
-
+    generation = pinned_generation(GENERATION, generation)
     common = dict(
         model_id=model_id, cache=cache, batch_size=batch_size, generation=generation, progress=progress
     )
-    result: dict[str, Any] = {"task": "synthetic", "model": model_id, "generation": dict(generation or {})}
+    result: dict[str, Any] = {
+        "task": "synthetic",
+        "model": model_id,
+        **generation_record(GENERATION, generation),
+    }
     if rec:
         sizes = {s.id: _size(s.image, f"REC sample {s.id!r}") for s in rec}
         truths = {s.id: _truth(s.boxes, f"REC sample {s.id!r}") for s in rec}
@@ -193,6 +205,7 @@ def evaluate(
             model_id=model_id,
             generation=generation,
             protocol="REC prompt; first generated box; IoU >= 0.5 with the best of the true boxes",
+            protocol_generation=GENERATION,
         )
         refcoco.write_rec_report(out_dir / "rec", part, records, samples, load=load)
         result["rec"] = part
@@ -222,6 +235,7 @@ def evaluate(
             model_id=model_id,
             generation=generation,
             protocol="phrase prompt; ANY-box; R@k over the first k generated boxes; IoU >= 0.5",
+            protocol_generation=GENERATION,
         )
         flickr30k.write_grounding_report(out_dir / "phrases", part, records, samples, load=load)
         result["phrases"] = part
@@ -273,7 +287,14 @@ def load_samples(path: str | os.PathLike) -> tuple[list[RecSample], list[PhraseS
 WORLD_TASKS = ("rec", "phrase_grounding", "grounded_caption", "caption", "reg", "grounded_vqa", "vqa")
 DEFAULT_TASKS = ("rec", "phrase_grounding", "grounded_caption", "reg", "grounded_vqa", "vqa")
 HELD_OUT_SPLITS = ("test", "compositional")
-GENERATION = {"max_new_tokens": 96, "num_beams": 1, "no_repeat_ngram_size": 0}
+# Every decoding option, passed explicitly: a checkpoint's generation_config.json decides nothing.
+GENERATION = {
+    "max_new_tokens": 96,
+    "num_beams": 1,
+    "do_sample": False,
+    "no_repeat_ngram_size": 0,
+    "length_penalty": 1.0,
+}
 TASK_NAMES = {
     "rec": "REC",
     "phrase_grounding": "phrase grounding",
@@ -641,7 +662,7 @@ def evaluate_world(
         raise ValueError(f"examples must be >= 0 (tiles per example sheet), got {examples}")
     tasks = _check_world_tasks(tasks)
     out_dir = Path(out_dir)
-    generation = dict(GENERATION if generation is None else generation)
+    generation = pinned_generation(GENERATION, generation)
     items = [item for split in dict.fromkeys(splits) for item in world_queries(split, n_per_task, tasks)]
     predictions, stats = run_queries(
         predictor,
@@ -663,7 +684,7 @@ def evaluate_world(
         "splits": list(dict.fromkeys(splits)),
         "tasks": tasks,
         "n_per_task": n_per_task,
-        "generation": generation,
+        **generation_record(GENERATION, generation),
         "prompts": "each sample's training prompt through Predictor.ground",
         "results": results,
         "targets": targets,
@@ -796,16 +817,18 @@ def _example(r: Mapping[str, Any]) -> Any:
     if r["task"] == "grounded_caption":
         truth = [b for _, boxes in r["truth_entities"] for b in boxes]
         predicted = [b for _, boxes in r["predicted_entities"] for b in boxes]
-        title = (
-            f"{r['pairs_matched']}/{r['pairs_predicted']} pairs right, {r['pairs_true']} true: {r['caption']}"
+        title = r["caption"]
+        verdict = (
+            f"{r['pairs_matched']}/{r['pairs_predicted']} pairs right, {r['pairs_true']} true: "
+            f"{'all right' if r['correct'] else 'not all right'}"
         )
+    elif r["task"] == "rec":
+        truth, predicted, title = r["truth"], r["predicted"], r["expression"]
+        verdict = refcoco.rec_verdict(r)
     else:
-        truth, predicted = r["truth"], r["predicted"]
-        phrase, first = (
-            (r["expression"], r["iou_first"]) if r["task"] == "rec" else (r["phrase"], r["ious"]["1"])
-        )
-        title = f"{phrase} (IoU {first:.2f})"
-    return report.Sample((r["split"], r["scene_id"]), title, truth, predicted, bool(r["correct"]))
+        truth, predicted, title = r["truth"], r["predicted"], r["phrase"]
+        verdict = flickr30k.recall_verdict(r)
+    return report.Sample((r["split"], r["scene_id"]), title, truth, predicted, bool(r["correct"]), verdict)
 
 
 def _render_record(key: tuple[str, int]) -> Image.Image:
