@@ -77,6 +77,61 @@ def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> dict[str, float]
     }
 
 
+def gemm_rate(repeats: int = 10) -> dict[str, float]:
+    """The best multiply-add rate (FLOP/s) of a prompt-sized product, 71 x 2048 -> 8192 (a decoder fc1 at
+    prefill), with torch's current threads: float32 through oneDNN on the plain weight, bfloat16 on the
+    oneDNN-packed weight (what our arms run). Prefill's compute floor = its FLOPs / this rate."""
+    from kosmos2.quantize import packing_available
+
+    x, w = torch.randn(71, 2048), torch.randn(8192, 2048)
+    flops = 2 * 71 * 2048 * 8192
+    calls = {"float32": lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")}
+    if packing_available():
+        xb, packed = x.bfloat16(), torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), 1)
+        calls["bfloat16"] = lambda: torch.ops.mkldnn._linear_pointwise(xb, packed, None, "none", [], "")
+    rates = {}
+    for name, call in calls.items():
+        call()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            best = min(best, time.perf_counter() - start)
+        rates[name] = flops / best
+    return rates
+
+
+def prefill_flops(config: Kosmos2Config, prompt_length: int) -> float:
+    """Multiply-add FLOPs of a batch-1 prefill: every linear layer over the rows it sees (vision tokens,
+    connector queries and keys, the prompt; the head for the last position only), the patch convolution,
+    and the attention products (QK^T and AV; the decoder's over the prompt's causal half)."""
+    from kosmos2.model import Kosmos2
+
+    with torch.device("meta"):
+        model = Kosmos2(config)
+    v, t = config.vision, config.text
+    tokens = v.num_positions  # 257 with the class token
+    n = config.latent_query_num
+    total = 0.0
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        if name.startswith("vision_model") or name == "image_to_text_projection.dense":
+            rows = tokens
+        elif name.startswith("image_to_text_projection.x_attn."):
+            rows = tokens + n if name.endswith(("k_proj", "v_proj")) else n
+        elif name == "text_model.lm_head":
+            rows = 1
+        else:
+            rows = prompt_length
+        total += 2 * rows * m.in_features * m.out_features
+    total += 2 * v.num_patches * (v.num_channels * v.patch_size**2) * v.width  # patch embedding
+    total += v.layers * 4 * tokens * tokens * v.width  # vision attention
+    total += 4 * n * (tokens + n) * t.width  # connector attention
+    total += t.layers * 2 * prompt_length * prompt_length * t.width  # causal decoder attention
+    return total
+
+
 def weight_bytes(config: Kosmos2Config, element_size: int = 4) -> dict[str, int]:
     """Bytes of the weights: all of them, and those one decoding step reads (decoder blocks, final LayerNorm
     and the tied embedding once, as the output head; the vision encoder and connector run at prefill only)."""
@@ -434,6 +489,8 @@ def run(args: argparse.Namespace) -> dict:
         "weights_per_token_bytes": sizes["per_token"],
         "kv_bytes_per_step_b1": kv_bytes_per_step(config, 1, args.prompt_length + new_tokens),
         "bandwidth": bandwidth,
+        "gemm_rate": gemm_rate(),
+        "prefill_flops": prefill_flops(config, args.prompt_length),
     }
     sides = {_arm_key(*arm): SideResult() for arm in arms}
     # float32 arms run together, then the others: at most ~3 models in memory at once (full size: 6.7 GB
@@ -597,6 +654,18 @@ def report(r: dict) -> str:
     lines += ["", "| target | measured | goal |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {goal} |" for name, value, goal in targets]
     band = r["bandwidth"]
+    floors = {k: r["prefill_flops"] / rate for k, rate in r["gemm_rate"].items()}
+    lines += [
+        "",
+        f"- Prefill compute floor (batch 1): {r['prefill_flops'] / 1e9:.0f} GFLOP / the best rate of a "
+        "71 x 2048 -> 8192 product ("
+        + ", ".join(
+            f"{k} {rate / 1e9:.0f} GFLOP/s: {floors[k]:.2f} s, ours at "
+            f"{floors[k] / med('ours:' + k, 'prefill_s') if 'ours:' + k in arms else nan:.0%} of it"
+            for k, rate in r["gemm_rate"].items()
+        )
+        + ").",
+    ]
     lines += [
         "",
         f"- {r['machine']}; torch {r['torch']}; load average {r['loadavg'][0]:.1f} at start, "
