@@ -100,3 +100,15 @@ def test_eval_parser_takes_dtype_and_threads(tmp_path):
         ["eval", "synthetic", "--out", str(tmp_path), "--dtype", "bfloat16", "--threads", "1"]
     )
     assert (args.dtype, args.threads) == ("bfloat16", 1)
+
+
+def test_eval_cache_key_names_the_dtype(tmp_path):
+    from kosmos2.cli import build_parser
+    from kosmos2.eval.cli import _run_options
+
+    base = ["eval", "synthetic", "--out", str(tmp_path), "--model-id", "m"]
+    keys = {
+        d: _run_options(build_parser().parse_args([*base, "--dtype", d]))["model_id"]
+        for d in ("float32", "int8")
+    }
+    assert keys == {"float32": "m", "int8": "m+int8"}  # float32 keeps the keys of caches made before dtypes

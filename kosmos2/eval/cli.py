@@ -219,8 +219,12 @@ def generation_settings(args: argparse.Namespace) -> dict[str, Any]:
 def _run_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    model_id = args.model_id or model_id_for(args.checkpoint)
+    # bfloat16 and int8 can predict otherwise than float32: their predictions get cache keys of their own
+    if getattr(args, "dtype", None) not in (None, "float32"):
+        model_id = f"{model_id}+{args.dtype}"
     return {
-        "model_id": args.model_id or model_id_for(args.checkpoint),
+        "model_id": model_id,
         "cache": args.cache,
         "batch_size": args.batch_size,
         "progress": not args.no_progress,
