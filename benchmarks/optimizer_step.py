@@ -3,7 +3,7 @@
     python benchmarks/optimizer_step.py                   # the default recipe's model, 2 threads
     python benchmarks/optimizer_step.py --steps 20 --threads 1
 
-Both optimizers are built by `kosmos2.train.make_optimizer` over the same freshly initialised model of the
+Both optimizers are built by `kosmos2.train.optim.make_optimizer` over the same fresh model of the
 recipe, with the same random gradients; the two alternate step by step after one warm-up step each, so a
 machine that slows down hits both alike. Muon's extra cost is its Newton–Schulz orthogonalisation (five
 iterations of three small matrix products per weight matrix, in bfloat16). The recipe's Muon is
@@ -29,14 +29,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--recipe", default="default", help="kosmos2.train recipe whose model to use")
+    parser.add_argument(
+        "--recipe", default="default", help="kosmos2.train.recipes.synthetic recipe whose model to use"
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per optimizer (default 10)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = parser.parse_args(argv)
 
     import torch
 
-    from kosmos2 import train as T
+    from kosmos2.train import optim as O
+    from kosmos2.train.recipes import synthetic as T
 
     torch.set_num_threads(args.threads)
     muon_recipe = T.get_recipe(args.recipe, optimizer="muon", tokenizer_corpus_lines=2000)
@@ -47,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     models["torch-muon"] = copy.deepcopy(models["adamw"])
     models["muon"] = copy.deepcopy(models["adamw"])
     optimizers = {
-        "adamw": T.make_optimizer(models["adamw"], adamw_recipe),
-        "torch-muon": T.make_optimizer(models["torch-muon"], muon_recipe),
-        "muon": T.make_optimizer(models["muon"], muon_recipe),
+        "adamw": O.make_optimizer(models["adamw"], adamw_recipe),
+        "torch-muon": O.make_optimizer(models["torch-muon"], muon_recipe),
+        "muon": O.make_optimizer(models["muon"], muon_recipe),
     }
     stacked = optimizers["torch-muon"].optimizers[1]  # the same matrices and options on torch.optim.Muon
     optimizers["torch-muon"].optimizers[1] = torch.optim.Muon(stacked.param_groups, **stacked.defaults)

@@ -9,8 +9,8 @@ same `--steps` batches, after one warm-up batch; the modes alternate per batch s
 down hits all of them alike. Modes:
 
 - `rows`: every sample in a row of its own, its image prefix included (`share_prefix=False`, SPEC §3's
-  layout): the reference the shared path must equal (tests/test_train.py checks loss and gradients);
-- `shared`: `share_prefix=True` as shipped: each scene's prefix runs once (`TextTransformer.forward_shared`),
+  layout): the reference the shared path must equal (tests/test_train_synthetic.py checks loss and gradients);
+- `shared`: `share_prefix=True` as shipped: each scene's prefix runs once (`recipes/shared_prefix.py`),
   attention by PyTorch's plain-matmul kernel on CPU (the kernel the default model was trained with);
 - `shared-fused`: the same with PyTorch's fused attention kernel, in the decoder and in the vision
   encoder and connector (which train with the plain kernel on CPU: its backward is ~3x faster there);
@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--recipe", default="default", help="kosmos2.train recipe whose batches to time")
+    parser.add_argument("--recipe", default="default", help="kosmos2.train.recipes.synthetic recipe to time")
     parser.add_argument("--steps", type=int, default=8, help="timed batches per mode (default 8)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--checkpoint", help="time with these weights (a checkpoint.pt of the recipe)")
@@ -52,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import kosmos2.model as km
-    from kosmos2 import train as T
+    from kosmos2.train.loop import load_checkpoint
+    from kosmos2.train.recipes import shared_prefix
+    from kosmos2.train.recipes import slots as SL
+    from kosmos2.train.recipes import synthetic as T
+    from kosmos2.train.recipes import synthetic_batches as B
 
     torch.set_num_threads(args.threads)
     recipe = T.get_recipe(args.recipe, share_prefix=True, tokenizer_corpus_lines=2000)
@@ -65,44 +69,43 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer = T.build_tokenizer(recipe, tmp)
     model = T.build_model(recipe, tokenizer)
-    head = T.build_slot_head(recipe, model)
+    head = SL.build_slot_head(model.config.text.width) if recipe.slot_loss_weight > 0 else None
     if args.checkpoint:
-        state = T.load_checkpoint(Path(args.checkpoint))
+        state = load_checkpoint(Path(args.checkpoint))
         model.load_state_dict(state["model"])
         if head is not None:
-            head.load_state_dict(state["slot_head"])
+            head.load_state_dict(state["heads"])
     config = model.config
-    grid = T.patch_grid(config) if head is not None else None
+    grid = SL.patch_grid(config) if head is not None else None
 
     def batches(r):
         size, slots = config.vision.image_size, config.latent_query_num
-        return [T.make_batch(r, s, tokenizer, size, slots, grid) for s in range(args.steps + 1)]
+        return [B.make_batch(r, s, tokenizer, size, slots, grid) for s in range(args.steps + 1)]
 
     data = {"rows": batches(rows_recipe), "shared": batches(recipe)}
     data["shared-fused"] = data["shared-prefix-kept"] = data["shared"]
-    saved_bounds = T.chunk_bounds
-    T.chunk_bounds = lambda n, cost=0: [(i, min(i + 16, len(n))) for i in range(0, len(n), 16)]
+    saved_bounds = B.chunk_bounds
+    B.chunk_bounds = lambda n, cost=0: [(i, min(i + 16, len(n))) for i in range(0, len(n), 16)]
     data["shared-16rows"] = batches(recipe)
-    T.chunk_bounds = saved_bounds
+    B.chunk_bounds = saved_bounds
 
     @contextlib.contextmanager
     def fused():
         saved = km.sdpa_kernel
-        km.sdpa_kernel = lambda *a, **k: contextlib.nullcontext()
+        km.sdpa_kernel = shared_prefix.sdpa_kernel = lambda *a, **k: contextlib.nullcontext()
         try:
             yield
         finally:
-            km.sdpa_kernel = saved
+            km.sdpa_kernel = shared_prefix.sdpa_kernel = saved
 
     @contextlib.contextmanager
     def prefix_kept():
-        decoder = model.text_model.model
-        whole = decoder.forward_shared
-        decoder.forward_shared = lambda *a, prefix_out=True, **k: whole(*a, prefix_out=True, **k)
+        whole = T.forward_shared
+        T.forward_shared = lambda *a, prefix_out=True, **k: whole(*a, prefix_out=True, **k)
         try:
             yield
         finally:
-            del decoder.forward_shared  # the class's method again
+            T.forward_shared = whole
 
     def patched(mode: str):
         # the model picks the plain kernel on CPU itself; for "shared-fused" undo that choice
@@ -111,9 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     def step(mode: str, i: int) -> float:
         with patched(mode):
             t0 = time.perf_counter()
-            losses = T.compute_losses(
-                model, data[mode][i], bf16=recipe.bf16, head=head, slot_weight=recipe.slot_loss_weight
-            )
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+                losses = T.compute_losses(model, data[mode][i], head, recipe.slot_loss_weight)
             losses["loss"].backward()
             seconds = time.perf_counter() - t0
         model.zero_grad(set_to_none=True)
@@ -124,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     check = {}
     for m in modes:
         with torch.no_grad(), patched(m):
-            check[m] = float(T.compute_losses(model, data[m][0], bf16=recipe.bf16, head=head)["lm"])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+                check[m] = float(T.compute_losses(model, data[m][0], head)["lm"])
     model.train()
     times: dict[str, list[float]] = {m: [] for m in modes}
     for m in modes:

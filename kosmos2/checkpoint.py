@@ -25,6 +25,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -364,6 +365,17 @@ def load_pretrained(
     return model.eval()
 
 
+def check_weights(directory: str | Path, config: Kosmos2Config | None = None) -> tuple[str, int]:
+    """Check a checkpoint directory's weights against its config.json (or `config`) without loading them:
+    every tensor present, none unexpected, each of the config's shape. Returns (the weight file, the number of
+    tensors); raises ValueError naming every mismatch, FileNotFoundError when there are no weights."""
+    directory = Path(directory)
+    config = config or Kosmos2Config.from_json_file(directory / CONFIG_NAME)
+    shapes, _, where = _open_weights(directory)
+    check_state_names(shapes, weight_shapes(config), where)
+    return where, len(shapes)
+
+
 # -- saving ------------------------------------------------------------------------------------------------
 
 
@@ -444,13 +456,7 @@ def convert_original(
     config = config or Kosmos2Config.from_preset("kosmos-2-patch14-224")
     if isinstance(state_dict_or_path, (str, Path)):
         path = Path(state_dict_or_path)
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True)
-        except pickle.UnpicklingError as e:
-            raise ValueError(
-                f"{path}: holds non-tensor objects that weights_only loading refuses ({e}). If you trust the "
-                "file, pass trust_pickle=True; or save its state dict (obj['model']) to a new file first."
-            ) from None
+        obj = _load_original(path, trust_pickle)
         original = obj["model"] if isinstance(obj, dict) and "model" in obj else obj
         source = str(path)
     else:
@@ -458,6 +464,8 @@ def convert_original(
     if not isinstance(original, Mapping):
         raise ValueError(f"{source}: expected a state dict (a mapping of names to tensors)")
 
+    if not all(isinstance(t, torch.Tensor) for t in original.values()):
+        raise ValueError(f"{source}: expected a state dict, but not every entry is a tensor")
     converted: dict[str, torch.Tensor] = {}
     for name, t in original.items():
         new = hf_name_from_original(name)
@@ -467,6 +475,12 @@ def convert_original(
             raise ValueError(f"{source}: two original tensors map to {new} (second: {name})")
         converted[new] = t
     expected = weight_shapes(config)
+    if not set(converted) & set(expected):
+        raise ValueError(
+            f"{source}: not a Kosmos-2 release checkpoint: none of its {len(original)} entries has a "
+            "Kosmos-2 weight name (e.g. gpt_model.decoder.embed_tokens.weight); pass kosmos-2.pt from the "
+            "original release (a Hugging Face layout directory needs no conversion)"
+        )
     check_state_names({n: tuple(t.shape) for n, t in converted.items()}, expected, source)
     if LM_HEAD_NAME in converted and not torch.equal(converted[LM_HEAD_NAME], converted[EMBED_NAME]):
         raise ValueError(
@@ -480,3 +494,36 @@ def convert_original(
         converted = {n: t.to(dtype) for n, t in converted.items()}
     _write_checkpoint(converted, config, Path(out_dir))
     return converted
+
+
+def _load_original(path: Path, trust_pickle: bool) -> object:
+    """torch.load the original release with a message for each way a file is not one."""
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{path}: is a directory; pass the kosmos-2.pt file of the original release (a Hugging Face "
+            "layout directory needs no conversion)"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; pass kosmos-2.pt from the original release")
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives (since torch 1.6), the release is one
+        with open(path, "rb") as f:
+            head = f.read(8)
+        raise ValueError(
+            f"{path}: not a PyTorch checkpoint (starts {head!r}; {path.stat().st_size:,} bytes, not the zip "
+            "archive torch.save writes); pass kosmos-2.pt from the original release"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise ValueError(f"{path}: a zip archive but not a readable PyTorch checkpoint ({e})") from None
+        raise ValueError(
+            f"{path}: holds non-tensor objects that weights_only loading refuses "
+            f"({str(e).splitlines()[0]}). If you trust the file, pass trust_pickle=True "
+            "(--trust-pickle); or save its state dict (obj['model']) to a new file first."
+        ) from None
+    except (RuntimeError, KeyError, EOFError, ValueError) as e:  # a zip without torch's layout
+        raise ValueError(
+            f"{path}: a zip archive but not a PyTorch checkpoint ({type(e).__name__}: {e}); pass kosmos-2.pt "
+            "from the original release"
+        ) from None

@@ -331,8 +331,8 @@ def _tiny() -> Kosmos2Config:
 def _small() -> Kosmos2Config:
     """The small Kosmos-2 of the synthetic world (`kosmos2 train`; the built-in default model is its
     128 px form, `small-128`): 64 px images in 8 px patches (64 patches + class token), a 4-layer
-    192-wide ViT, 64 latent queries (one per patch: `kosmos2.train.init_patches`), a 4-layer 256-wide decoder,
-    no dropout (the world's data never repeats).
+    192-wide ViT, 64 latent queries (one per patch: kosmos2/train/recipes/synthetic_init.py's `init_patches`),
+    a 4-layer 256-wide decoder, no dropout (the world's data never repeats).
     The vocabulary is the world's tokenizer's: 256 base pieces + <mask> + 11 tags + 1024 location tokens."""
     return Kosmos2Config(
         vision=VisionConfig(width=192, layers=4, heads=4, mlp_dim=768, image_size=64, patch_size=8),

@@ -453,3 +453,136 @@ def beam_search(
         else:  # no hypothesis finished (cannot happen with max_new_tokens >= 1), keep the best running beam
             out.append(beams[b * K])
     return out
+
+
+# -- scores: the model's own probabilities of what it generated, and alternative boxes -----------------------
+
+
+@torch.no_grad()
+def token_logprobs(
+    model: Kosmos2,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    image_embeds: Tensor | None,
+    image_mask: Tensor | None,
+    continuations: list[list[int]],
+) -> list[list[float]]:
+    """log p(token | image, prompt, tokens before it) of every token of each row's continuation.
+
+    One teacher-forced pass over the left-padded prompts [B,T] followed by each row's continuation (right
+    padded), with the model's plain distribution: no temperature, no n-gram ban (what decoding did to pick
+    a token does not change how likely the model found it). Returns one list per row, aligned with its
+    continuation.
+    """
+    B, T = input_ids.shape
+    N = max((len(c) for c in continuations), default=0)
+    if N == 0:
+        return [[] for _ in continuations]
+    pad = model.config.text.pad_token_id
+    tail = torch.full((B, N), pad, dtype=input_ids.dtype, device=input_ids.device)
+    tail_mask = torch.zeros_like(tail)
+    for b, c in enumerate(continuations):
+        if c:
+            tail[b, : len(c)] = torch.tensor(c, dtype=input_ids.dtype)
+            tail_mask[b, : len(c)] = 1
+    ids = torch.cat([input_ids, tail], dim=1)
+    mask = torch.cat([attention_mask, tail_mask], dim=1)
+    positions = make_positions(ids.masked_fill(mask == 0, pad), pad).masked_fill(mask == 0, 1)
+    if image_mask is not None:
+        image_mask = torch.cat([image_mask, torch.zeros_like(tail, dtype=torch.bool)], dim=1)
+    with onednn_linear(_float32(model)):
+        logits, _ = model(
+            ids, image_embeds=image_embeds, image_mask=image_mask, attention_mask=mask, positions=positions
+        )
+    # the token at T + i is predicted at T + i - 1
+    logp = torch.log_softmax(logits[:, T - 1 : T + N - 1].float(), dim=-1)
+    picked = logp.gather(-1, tail.unsqueeze(-1)).squeeze(-1)
+    return [picked[b, : len(c)].tolist() for b, c in enumerate(continuations)]
+
+
+@dataclass
+class LocationCandidate:
+    """One box the model could attach next: its location tokens' cells and log-probabilities."""
+
+    ul: int  # upper-left cell (row * grid + col)
+    lr: int  # lower-right cell
+    logp_ul: float  # log p(ul | image, prompt, <object>)
+    logp_lr: float  # log p(lr | image, prompt, <object>, ul)
+
+    @property
+    def logp(self) -> float:
+        return self.logp_ul + self.logp_lr
+
+
+@torch.no_grad()
+def location_candidates(
+    model: Kosmos2,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    image_embeds: Tensor | None,
+    image_mask: Tensor | None,
+    object_id: int,
+    location_offset: int,
+    grid: int,
+    beams: int,
+) -> tuple[list[float], list[list[LocationCandidate]]]:
+    """The boxes each row's prompt could get next, by a search over the two location tokens.
+
+    The prompts (left padded) are followed by `<object>`; the `beams` likeliest upper-left cells are each
+    completed with the likeliest lower-right cell that makes a box with it (its row and column not before
+    the upper-left's: the grid constraint), and the pairs are ranked by log p(ul) + log p(lr | ul). The first
+    candidate is what greedy decoding writes after `<object>` whenever its own lower-right pick is valid.
+    Probabilities are over the whole vocabulary (not renormalised to location tokens).
+
+    Returns (log p(<object> | prompt) per row, the candidates of each row, best first). Costs one prefill of
+    the prompt and one decoding step of `beams` rows per prompt.
+    """
+    B, T = input_ids.shape
+    obj = torch.full((B, 1), object_id, dtype=input_ids.dtype, device=input_ids.device)
+    ids = torch.cat([input_ids, obj], dim=1)
+    mask = torch.cat([attention_mask, torch.ones_like(obj)], dim=1)
+    if image_mask is not None:
+        image_mask = torch.cat([image_mask, torch.zeros_like(obj, dtype=torch.bool)], dim=1)
+    model.setup_cache(B, T + 2)
+    positions = make_positions(ids.masked_fill(mask == 0, model.config.text.pad_token_id))
+    positions = positions.masked_fill(mask == 0, 1)
+    try:
+        with onednn_linear(_float32(model)):
+            h = model.forward_cached(
+                ids, torch.arange(T + 1, device=ids.device), positions, mask, image_embeds, image_mask
+            )
+        logp = torch.log_softmax(h[:, -2:].float(), dim=-1)  # [B,2,V]: before <object>, after it
+        logp_object = logp[:, 0, object_id].tolist()
+        cells = grid * grid
+        ul_logp = logp[:, 1, location_offset : location_offset + cells]  # [B,cells]
+        K = min(beams, cells)
+        top_logp, top_ul = torch.topk(ul_logp, K, dim=-1)  # [B,K]
+        expand = torch.arange(B, device=ids.device).repeat_interleave(K)
+        model.reorder_cache(expand)
+        step_pos = positions[:, -1:].index_select(0, expand) + 1
+        ul_tokens = (top_ul.reshape(-1, 1) + location_offset).to(ids.dtype)
+        with onednn_linear(_float32(model)):
+            lr_logits = model.forward_cached(ul_tokens, torch.tensor([T + 1], device=ids.device), step_pos)
+        lr_logp = torch.log_softmax(lr_logits[:, -1].float(), dim=-1)[
+            :, location_offset : location_offset + cells
+        ]  # [B*K,cells]
+        # the grid constraint: lower-right row >= upper-left row and column >= upper-left column
+        index = torch.arange(cells, device=ids.device)
+        ul_flat = top_ul.reshape(-1, 1)
+        valid = (index // grid >= ul_flat // grid) & (index % grid >= ul_flat % grid)
+        best_lr_logp, best_lr = lr_logp.masked_fill(~valid, -math.inf).max(dim=-1)
+    finally:
+        model.clear_cache()
+    out = []
+    for b in range(B):
+        row = [
+            LocationCandidate(
+                int(top_ul[b, j]),
+                int(best_lr[b * K + j]),
+                float(top_logp[b, j]),
+                float(best_lr_logp[b * K + j]),
+            )
+            for j in range(K)
+        ]
+        out.append(sorted(row, key=lambda c: -c.logp))
+    return logp_object, out

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import operator
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 GRID = 32  # cells per side: 32 × 32 = 1024 location tokens
@@ -366,6 +366,183 @@ def parse(text: str, grid: int = GRID) -> Grounded:
             span = (clamp(start), clamp(start))
         entities.append(Entity(name, span, [box for _, _, box in decoded]))
     return Grounded(caption, entities)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checking markup a person wrote (prompts, `kosmos2 draw` text)
+
+# Anything shaped like a tag: `<phrase>`, `</phrase>`, `<patch_index_9999>`, `</delimiter_of_multi_objects/>`,
+# `<Phrase>`, `<b>`. Those that are not Kosmos-2 tokens but resemble one are errors; the rest is plain text.
+_TAGLIKE_RE = re.compile(r"</?[A-Za-z][A-Za-z0-9_]*/?>")
+_TAG_NAMES = {t.strip("</>").lower(): t for t in TAG_TOKENS}
+# Tokens a prompt must not contain: the predictor writes the image part and the sequence ends itself.
+_LAYOUT_TOKENS = (DOC_END, IMAGE_START, IMAGE_END, *SPECIAL_TOKENS)
+
+
+def markup_problems(
+    text: str, grid: int = GRID, vocabulary: Callable[[str], object] | None = None, prompt: bool = True
+) -> list[tuple[int, str]]:
+    """Every problem of hand-written grounded markup, as (character offset, message); [] when it is sound.
+
+    Checked: each tag-shaped `<...>` that resembles a Kosmos-2 token is one exactly (`<patch_index_12>`,
+    `<Phrase>` are not); location tokens lie on the grid (index < grid²) and, with `vocabulary` (a
+    token -> id lookup such as `Kosmos2Tokenizer.token_to_id`, None for absent tokens), in the model's
+    vocabulary; `<phrase>` … `</phrase>` pairs are closed, not nested and not empty; an `<object>` holds only
+    (upper-left, lower-right) pairs of location tokens separated by the delimiter, each a valid box, and is
+    closed; location tokens and delimiters appear only inside an object. prompt=True (a prompt): `<grounding>`
+    must open the text and the layout tokens (`<image>`, `</image>`, `</doc>`, `<s>`, `</s>`, `<pad>`, …) are
+    refused, since the predictor writes them; prompt=False (generated text to draw): only the text after the
+    last `</image>` is read, as `parse` does, and layout tokens are ignored.
+    """
+    grid = _check_grid(grid)
+    if not isinstance(text, str):
+        return [(0, f"expected a str, got {type(text).__name__}")]
+    base = 0
+    if not prompt and text.rfind(IMAGE_END) >= 0:
+        base = text.rfind(IMAGE_END) + len(IMAGE_END)
+    problems: list[tuple[int, str]] = []
+    tokens: list[tuple[int, str, int | None]] = []  # (offset, token, patch index or None)
+    for m in _TAGLIKE_RE.finditer(text, base):
+        token, at = m.group(0), m.start()
+        index = _patch_index(token)
+        if index is not None:
+            known = len(problems)
+            if index >= grid * grid:
+                problems.append(
+                    (
+                        at,
+                        f"location token {token!r} is outside the {grid}×{grid} grid: cells run "
+                        f"{patch_token(0)} … {patch_token(grid * grid - 1)}",
+                    )
+                )
+            elif token != patch_token(index):
+                problems.append((at, f"{token!r} is not a location token: write {patch_token(index)!r}"))
+            elif vocabulary is not None and vocabulary(token) is None:
+                problems.append((at, f"{token!r} is not in this model's vocabulary"))
+            tokens.append((at, token, index if len(problems) == known else -1))  # -1: reported
+            continue
+        if token in TAG_TOKENS or token in SPECIAL_TOKENS:
+            if vocabulary is not None and token in TAG_TOKENS and vocabulary(token) is None:
+                problems.append((at, f"{token!r} is not in this model's vocabulary"))
+            elif token in _LAYOUT_TOKENS:
+                if prompt:
+                    problems.append(
+                        (at, f"{token!r} belongs to the prompt layout, which the predictor writes; remove it")
+                    )
+            else:
+                tokens.append((at, token, None))
+            continue
+        name = token.strip("</>").lower()
+        near = (token.lower() if token.lower() in TAG_TOKENS else _TAG_NAMES.get(name)) or (
+            patch_token(0)
+            if name.startswith("patch")
+            else DELIMITER
+            if name.startswith("delimiter")
+            else None
+        )
+        if near is not None:
+            problems.append((at, f"{token!r} is not a Kosmos-2 tag (tags are lower case, e.g. {near!r})"))
+    problems += _structure_problems(text, base, tokens, grid, prompt)
+    return sorted(problems, key=lambda problem: problem[0])  # stable: a token's own problem first
+
+
+def check_prompt(text: str, grid: int = GRID, vocabulary: Callable[[str], object] | None = None) -> str:
+    """Return `text` if its markup is sound (see `markup_problems`), else raise PromptError naming the
+    first problem and its character offset."""
+    from kosmos2.errors import PromptError
+
+    problems = markup_problems(text, grid, vocabulary, prompt=True)
+    if problems:
+        at, message = problems[0]
+        more = (
+            f" (and {len(problems) - 1} more problem{'s' * (len(problems) > 2)})" if len(problems) > 1 else ""
+        )
+        shown = text if len(text) <= 120 else text[:117] + "..."
+        raise PromptError(f"prompt {shown!r}: at character {at}: {message}{more}")
+    return text
+
+
+def _patch_index(token: str) -> int | None:
+    """N of a tag-shaped `<patch_index_N>` (any digits), else None."""
+    m = re.fullmatch(r"<patch_index_([0-9]+)>", token)
+    return _index(m.group(1)) if m else None
+
+
+def _structure_problems(
+    text: str, base: int, tokens: list[tuple[int, str, int | None]], grid: int, prompt: bool
+) -> list[tuple[int, str]]:
+    """Pairing and nesting of phrase and object tags; the contents of objects."""
+    problems: list[tuple[int, str]] = []
+    phrase_at: int | None = None  # offset of the open <phrase>
+    object_at: int | None = None  # offset of the open <object>
+    groups: list[list[tuple[int, int]]] = []  # inside an object: the (offset, index) groups so far
+    cursor = base
+    for at, token, index in tokens:
+        between = text[cursor:at]
+        cursor = at + len(token)
+        if object_at is not None and between.strip():
+            problems.append((cursor - len(token) - len(between), f"text {between.strip()!r} inside <object>"))
+        if token == GROUNDING:
+            if prompt and text[:at].strip():
+                problems.append((at, f"{GROUNDING!r} must open the prompt"))
+        elif token == PHRASE_START:
+            if object_at is not None:
+                problems.append((at, f"{PHRASE_START!r} inside the <object> opened at character {object_at}"))
+            elif phrase_at is not None:
+                problems.append((at, f"{PHRASE_START!r} inside the phrase opened at character {phrase_at}"))
+            phrase_at = at
+        elif token == PHRASE_END:
+            if phrase_at is None:
+                problems.append((at, f"{PHRASE_END!r} closes no {PHRASE_START}"))
+            elif not text[phrase_at + len(PHRASE_START) : at].strip():
+                problems.append(
+                    (phrase_at, "empty <phrase></phrase>: put the words to ground between the tags")
+                )
+            phrase_at = None
+        elif token == OBJECT_START:
+            if phrase_at is not None:
+                problems.append((at, f"{OBJECT_START!r} inside the phrase opened at character {phrase_at}"))
+                phrase_at = None
+            if object_at is not None:
+                problems.append((at, f"{OBJECT_START!r} inside the <object> opened at character {object_at}"))
+            object_at, groups = at, [[]]
+        elif index is not None or token == DELIMITER:
+            if object_at is None:
+                if index != -1:  # a bad location token is reported once, as itself
+                    problems.append((at, f"{token!r} outside <object>…</object>"))
+            elif token == DELIMITER:
+                groups.append([])
+            else:
+                groups[-1].append((at, index))
+        elif token == OBJECT_END:
+            if object_at is None:
+                problems.append((at, f"{OBJECT_END!r} closes no {OBJECT_START}"))
+            else:
+                problems += _object_problems(object_at, groups, grid)
+            object_at = None
+    if phrase_at is not None:
+        problems.append((phrase_at, f"unclosed {PHRASE_START}: add {PHRASE_END} after its words"))
+    if object_at is not None:
+        problems.append((object_at, f"unclosed {OBJECT_START}: end it with {OBJECT_END}"))
+    return problems
+
+
+def _object_problems(at: int, groups: list[list[tuple[int, int]]], grid: int) -> list[tuple[int, str]]:
+    problems = []
+    for group in groups:
+        if len(group) != 2:
+            problems.append(
+                (group[0][0] if group else at, f"an object's box is 2 location tokens, found {len(group)}")
+            )
+            continue
+        (ul_at, ul), (_, lr) = group
+        if ul < 0 or lr < 0:
+            continue  # a bad location token, reported where it stands
+        try:
+            tokens_to_box(ul, lr, grid)
+        except ValueError as e:
+            problems.append((ul_at, str(e).split(";")[0]))
+    return problems
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from kosmos2.errors import UserError
 from kosmos2.fileio import atomic_write
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ DEFAULT_MAX_PIXELS = 100_000_000
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | Image.Image | np.ndarray
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image cannot be used: missing, unreadable, corrupt, empty, too large or of an unsupported kind."""
 
 
@@ -183,7 +184,8 @@ def _decode(fp: BinaryIO, name: str, max_pixels: int | None, exif_orientation: b
         except Image.DecompressionBombError as e:
             raise ImageError(
                 f"{name}: refused by Pillow as a possible decompression bomb ({e}); downscale the image, or "
-                "if you trust it raise PIL.Image.MAX_IMAGE_PIXELS (Pillow refuses twice that) and max_pixels"
+                "if you trust it raise the limits: --max-pixels N on the command line; in Python "
+                "PIL.Image.MAX_IMAGE_PIXELS (Pillow refuses twice that) and max_pixels"
             ) from e
         except Image.UnidentifiedImageError as e:
             raise ImageError(
@@ -213,7 +215,8 @@ def _check_size(size: tuple[int, int], name: str, max_pixels: int | None) -> Non
     if max_pixels is not None and w * h > max_pixels:
         raise ImageError(
             f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} (a guard against "
-            "decompression bombs); downscale the image or pass a larger max_pixels"
+            "decompression bombs); downscale the image, or if you trust it raise the limit: max_pixels= in "
+            "Python, --max-pixels N on the command line"
         )
 
 
@@ -384,7 +387,8 @@ def draw_boxes(
     labels: Sequence[str] | None = None,
     out_path: str | os.PathLike | None = None,
 ) -> Image.Image:
-    """Draw coloured, labelled boxes on the original image; write a PNG atomically if out_path is given.
+    """Draw coloured, labelled boxes on the original image; write it atomically if out_path is given, in the
+    format its extension names (.png, .jpg, .webp, ... any format Pillow writes).
 
     entities_or_boxes: pixel boxes (x1, y1, x2, y2) on the original image, or entities: objects with
     `pixel_boxes` (pixel coordinates, as the predictor returns) or with `boxes` normalised to [0, 1]
@@ -423,7 +427,7 @@ def draw_boxes(
                 _draw_label(draw, font, label, colour, x1, y1, width)
 
     if out_path is not None:
-        _write_png_atomically(canvas, Path(out_path))
+        write_image(canvas, out_path)
     return canvas
 
 
@@ -465,8 +469,29 @@ def _draw_label(
     draw.text((x0 + pad - left, y0 + pad - top), text, fill=ink, font=font)
 
 
-def _write_png_atomically(image: Image.Image, path: Path) -> None:
-    """Readers never see a half-written PNG (temporary file + rename)."""
-    if path.suffix.lower() != ".png":
-        raise ValueError(f"{str(path)!r}: draw_boxes writes PNG; give a path ending in .png")
-    atomic_write(path, lambda f: image.save(f, format="PNG"))
+def save_format(path: str | os.PathLike) -> str | None:
+    """The Pillow format that writes `path` by its extension ("PNG" for x.png, "JPEG" for x.jpg), or None."""
+    name = Image.registered_extensions().get(Path(path).suffix.lower())
+    return name if name in Image.SAVE else None
+
+
+def write_image(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Write `image` in the format of `path`'s extension; readers never see a half-written file (temporary
+    file + rename). Raises ImageError for an extension Pillow does not write or a format that cannot hold the
+    image."""
+    path = Path(path)
+    fmt = save_format(path)
+    if fmt is None:
+        raise ImageError(
+            f"{str(path)!r}: {path.suffix or 'no extension'} is not an image format Pillow writes; end the "
+            "name in .png, .jpg, .webp, .bmp, .tiff or .gif"
+        )
+    if not path.parent.is_dir():
+        raise FileNotFoundError(
+            f"{str(path)!r}: the folder {str(path.parent)!r} does not exist; create it first"
+        )
+    try:
+        atomic_write(path, lambda f: image.save(f, format=fmt))
+    except (OSError, ValueError, KeyError) as e:
+        raise ImageError(f"{str(path)!r}: Pillow cannot write this image as {fmt} ({e}); try .png") from e
+    return path

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,29 +30,6 @@ from torch.utils.checkpoint import checkpoint
 from kosmos2.config import Kosmos2Config, TextConfig, VisionConfig
 
 # -- helpers -----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SharedLayout:
-    """How `TextTransformer.forward_shared` lays its tokens out as one flat [N, C] tensor: pieces of
-    `shapes[j]` = (rows, length) tokens, row-major, one after another. Piece 0 is the prefixes [S,P]; piece
-    j >= 1 a chunk of sample rows, row r continuing prefix `index[j-1][r]` under mask `masks[j-1]` [L,P+L]."""
-
-    shapes: list[tuple[int, int]]
-    index: list[Tensor]
-    masks: list[Tensor]
-
-    @property
-    def prefix_tokens(self) -> int:
-        """The number of prefix tokens, which come first."""
-        return self.shapes[0][0] * self.shapes[0][1]
-
-    def split(self, x: Tensor, prefix: bool = True) -> list[Tensor]:
-        """[N, ...] -> one [rows, length, ...] tensor per piece; `prefix` False: x holds the sample pieces
-        only (the prefix's tokens left out) and so does the list."""
-        shapes = self.shapes if prefix else self.shapes[1:]
-        pieces = x.split([r * n for r, n in shapes])
-        return [t.view(r, n, *x.shape[1:]) for t, (r, n) in zip(pieces, shapes, strict=True)]
 
 
 def quick_gelu(x: Tensor) -> Tensor:
@@ -182,10 +158,14 @@ class VisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.layers))
+        self.gradient_checkpointing = False  # recompute each block in backward to save activation memory
 
     def forward(self, x: Tensor) -> Tensor:
         for layer in self.layers:
-            x = layer(x)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
         return x
 
 
@@ -297,36 +277,6 @@ class DecoderAttention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)  # [B,H,max_len,hd]
         return self.out_proj(self.inner_attn_ln(self._attend(q, k, v, mask)))
 
-    def _with_prefix(self, pick: Tensor, prefix: Tensor, own: Tensor) -> Tensor:
-        # pick [R,S] one-hot, prefix [S,P,C], own [R,L,C] -> [R,H,P+L,hd]: each row's prefix, then its own
-        S, P, C = prefix.shape
-        picked = (pick @ prefix.view(S, P * C)).view(-1, P, C)
-        return torch.cat([self._heads(picked), self._heads(own)], dim=2)
-
-    def forward_shared(self, x: Tensor, layout: SharedLayout, prefix_out: bool = True) -> Tensor:
-        """x [N,C] laid out by `layout`: the prefix rows attend causally to themselves; each sample row to
-        the keys and values of its prefix row, then causally to its own (`TextTransformer.forward_shared`).
-        `prefix_out` False: the prefix tokens give keys and values only, and the output holds the sample
-        tokens alone (the last block of a pass that needs no prefix states)."""
-        k, v = (layout.split(p(x)) for p in (self.k_proj, self.v_proj))  # [rows, length, C] pieces
-        if prefix_out:
-            q = [self._heads(t) for t in layout.split(self.q_proj(x))]
-        else:
-            q = [None, *(self._heads(t) for t in layout.split(self.q_proj(x[layout.prefix_tokens :]), False))]
-        # plain-matmul attention on CPU: the kernel the shipped default model was trained with (the fused
-        # one rounds differently, and a run is chaotic enough that other floats make another model);
-        # benchmarks/train_step.py times both
-        with sdpa_kernel(SDPBackend.MATH) if x.device.type == "cpu" else contextlib.nullcontext():
-            out = [self._attend(q[0], self._heads(k[0]), self._heads(v[0]), None)] if prefix_out else []
-            for j, (index, mask) in enumerate(zip(layout.index, layout.masks, strict=True), start=1):
-                # each row's prefix keys and values picked by a product with a one-hot [R, S] matrix (exact:
-                # one term): its backward is a product too, where index_select's is a slow scatter-add
-                pick = F.one_hot(index, k[0].shape[0]).to(k[0].dtype)
-                keys, values = (self._with_prefix(pick, t[0], t[j]) for t in (k, v))
-                out.append(self._attend(q[j], keys, values, mask))
-        y = torch.cat([t.flatten(0, 1) for t in out])  # [N, C]
-        return self.out_proj(self.inner_attn_ln(y))
-
 
 class FeedForward(nn.Module):
     """fc1 -> exact GELU -> LayerNorm over the 8192 hidden units (sub-LN) -> fc2."""
@@ -358,15 +308,6 @@ class DecoderBlock(nn.Module):
         x = x + F.dropout(
             self.self_attn(self.self_attn_layer_norm(x), mask, input_pos), self.dropout, self.training
         )
-        return x + self.ffn(self.final_layer_norm(x))
-
-    def forward_shared(self, x: Tensor, layout: SharedLayout, prefix_out: bool = True) -> Tensor:
-        # x [N,C]: every token of the prefixes and samples at once (`SharedLayout`); `prefix_out` False: the
-        # output holds the sample tokens only (DecoderAttention.forward_shared)
-        h = self.self_attn.forward_shared(self.self_attn_layer_norm(x), layout, prefix_out)
-        if not prefix_out:
-            x = x[layout.prefix_tokens :]
-        x = x + F.dropout(h, self.dropout, self.training)
         return x + self.ffn(self.final_layer_norm(x))
 
 
@@ -418,61 +359,6 @@ class TextTransformer(nn.Module):
             else:
                 x = layer(x, mask, input_pos)
         return self.layer_norm(x)
-
-    def forward_shared(
-        self,
-        prefix_ids: Tensor,
-        image_embeds: Tensor,
-        image_mask: Tensor,
-        samples: list[tuple[Tensor, Tensor, Tensor]],
-        tap: int | None = None,
-        prefix_out: bool = True,
-    ) -> tuple[Tensor | None, list[Tensor], Tensor | None]:
-        """Training with a shared prefix: several samples continue each image prefix, and the prefix is run
-        once. Each sample row computes exactly what it would as the continuation of its prefix in a row of
-        its own (the prefix's keys and values are the same), for a fraction of the tokens and attention.
-
-        prefix_ids [S,P] (no padding: all prefixes one length), image_mask [S,P] marking the image slots,
-        image_embeds [S,N,C]; samples: chunks of (ids [R,L] right-padded, positions [R,L], index [R] = the
-        prefix row each continues). Returns hidden states after the final LayerNorm: prefix [S,P,C] and
-        one [R,L,C] per chunk; and with `tap` = k the prefix's residual stream after its first k blocks
-        [S,P,C] (what block k + 1 reads; training's count read-out), else None. `prefix_out` False: the
-        prefix's hidden states are not wanted (None is returned for them), so the last block computes the
-        prefix's keys and values only, not its queries, attention output and MLP (the samples' states are
-        the same).
-        """
-        S, P = prefix_ids.shape
-        device = prefix_ids.device
-        positions = torch.arange(2, P + 2, device=device).expand(S, P)  # make_positions, no pads
-        pieces = [self.embed(prefix_ids, positions, image_embeds, image_mask)]
-        layout = SharedLayout([(S, P)], [], [])
-        for ids, pos, index in samples:
-            R, L = ids.shape
-            # a sample token sees the whole prefix, then its own row causally (right padding needs no mask)
-            mask = torch.ones(L, P + L, dtype=torch.bool, device=device)
-            mask[:, P:] = torch.ones(L, L, dtype=torch.bool, device=device).tril()
-            pieces.append(self.embed(ids, pos, None, None))
-            layout.shapes.append((R, L))
-            layout.index.append(index)
-            layout.masks.append(mask[None, None])
-        x = torch.cat([t.flatten(0, 1) for t in pieces])  # [N, C]
-        n = len(self.layers)
-        if tap is not None and not 0 <= tap <= n:
-            raise ValueError(f"tap={tap}: the decoder has {n} blocks; use 0 to {n}")
-        tapped = x[: S * P].view(S, P, -1) if tap == 0 else None
-        keep = prefix_out or tap == n  # the prefix through the last block
-        for k, layer in enumerate(self.layers, 1):
-            whole = keep or k < n
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer.forward_shared, x, layout, whole, use_reentrant=False)
-            else:
-                x = layer.forward_shared(x, layout, whole)
-            if k == tap:
-                tapped = x[: S * P].view(S, P, -1)
-        if not keep:
-            return None, layout.split(self.layer_norm(x), False), tapped
-        out = layout.split(self.layer_norm(x))
-        return out[0] if prefix_out else None, out[1:], tapped
 
 
 class TextDecoder(nn.Module):

@@ -4,7 +4,7 @@
     r = p.ground("photo.jpg")                           # "<grounding>An image of" -> GroundingResult
     r.caption, [(e.phrase, e.pixel_boxes) for e in r.entities]
     p.locate("photo.jpg", "the red ball")               # REC: the first generated box is the answer
-    p.describe_region("photo.jpg", (10, 20, 200, 180))  # box in, text out
+    p.describe_region("photo.jpg", (10, 20, 200, 180))  # box in (pixels; units="normalized" for [0, 1])
 
 Every task of SPEC §1 is a prompt plus decoding settings; all go through `ground`, which batches lists
 (left padding, one image encoding per image) and parses the output with `kosmos2.grounding`. The CLI, the
@@ -14,8 +14,10 @@ server, the demo and the evaluation all call this class.
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,16 @@ from typing import Any
 import torch
 
 from kosmos2 import grounding
-from kosmos2.generate import GenerationConfig, encode_images, generate, stream
+from kosmos2.errors import UnsupportedTaskError, UsageError, UserError
+from kosmos2.generate import (
+    GenerationConfig,
+    encode_images,
+    generate,
+    location_candidates,
+    prefill,
+    stream,
+    token_logprobs,
+)
 from kosmos2.image import image_size, load_image, preprocess
 
 DEFAULT_MODEL_ENV = "KOSMOS2_MODEL"  # a checkpoint directory to use when none is given
@@ -32,6 +43,31 @@ DEFAULT_MODEL_ENV = "KOSMOS2_MODEL"  # a checkpoint directory to use when none i
 PROMPT_BRIEF = "<grounding>An image of"
 PROMPT_DETAILED = "<grounding>Describe this image in detail:"
 PROMPT_PLAIN = "An image of"
+
+# The tasks of SPEC §1 by name. A model folder states the ones its model was trained for in
+# generation_config.json, `"kosmos2_tasks": [...]` (transformers keeps unknown keys there); a model that does
+# not say (the official weights) is taken to know them all. The task helpers refuse the others.
+TASKS = (
+    "grounded_caption",  # <grounding>An image of
+    "detailed_caption",  # <grounding>Describe this image in detail:
+    "caption",  # An image of (plain, beam 5)
+    "rec",  # <grounding><phrase>{expression}</phrase>
+    "phrase_grounding",  # <grounding>{caption before it} <phrase>{phrase}</phrase>
+    "reg",  # <phrase> It</phrase><object>{box}</object> is
+    "grounded_vqa",  # <grounding> Question: {q} Answer:
+    "vqa",  # Question: {q} Answer:
+)
+TASKS_KEY = "kosmos2_tasks"
+BOX_UNITS = ("pixels", "normalized")  # describe_region's units
+
+# `locate`'s decisions (docs/TRUST.md): fitted for the built-in default model on the synthetic world's
+# calibration split, 500 queries of each kind (`kosmos2 eval synthetic --trust`, best balanced accuracy);
+# recalibrate for another checkpoint and set `predictor.found_threshold` / `ambiguous_threshold`.
+FOUND_THRESHOLD = 0.162  # found when found_score >= this
+AMBIGUOUS_THRESHOLD = 0.099  # ambiguous when found and ambiguity_score >= this
+CANDIDATE_BEAMS = 16  # upper-left cells tried by the candidate search (at least 2 x candidates)
+CANDIDATE_IOU = 0.5  # candidates overlapping a better one this much are the same object
+ZOOM_MARGIN = 1.0  # crop margin on each side, a fraction of the box's width / height (docs/TRUST.md)
 
 
 def default_model_dir() -> Path:
@@ -45,12 +81,37 @@ def generation_defaults(directory: Path, tokenizer) -> GenerationConfig:
     `generation_config.json` for the options `GenerationConfig` knows (as transformers' `generate` does)."""
     known = {f for f in GenerationConfig.__dataclass_fields__} - {"eos_token_id", "pad_token_id", "seed"}
     path = directory / "generation_config.json"
-    given = json.loads(path.read_text()) if path.is_file() else {}
+    given = _read_json(path)
     if not isinstance(given, dict):
         raise ValueError(f"{path}: expected a JSON object of generation settings")
     options = {k: v for k, v in given.items() if k in known}
     base = GenerationConfig(eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     return GenerationConfig.from_kwargs(base, **options)
+
+
+def model_tasks(directory: Path) -> frozenset[str] | None:
+    """The tasks a model folder says its model was trained for (`kosmos2_tasks` in generation_config.json),
+    or None when it does not say."""
+    path = directory / "generation_config.json"
+    given = _read_json(path)
+    if not isinstance(given, dict) or TASKS_KEY not in given:
+        return None
+    tasks = given[TASKS_KEY]
+    if not isinstance(tasks, list) or not all(isinstance(t, str) and t in TASKS for t in tasks):
+        raise ValueError(
+            f"{path}: {TASKS_KEY} must be a list of task names from {list(TASKS)}, got {tasks!r}"
+        )
+    return frozenset(tasks)
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON in `path` ({} when there is no file), or a ValueError naming the file."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 @dataclass
@@ -61,6 +122,11 @@ class EntityResult:
     span: tuple[int, int]  # character span of the phrase in the result's caption
     boxes: list[grounding.Box]
     pixel_boxes: list[grounding.Box]
+    # per box: the geometric mean of p(upper-left token) and p(lower-right token | upper-left), the model's
+    # own probabilities of the two location tokens it wrote; None for a box the prompt gave (docs/TRUST.md)
+    scores: list[float | None] = field(default_factory=list)
+    # exp(mean log p) of the phrase's tokens when the model wrote the phrase; None when the prompt did
+    phrase_score: float | None = None
 
 
 @dataclass
@@ -93,6 +159,91 @@ class GroundingResult:
         d.pop("token_ids")
         return d
 
+    def to_supervision(self) -> Any:
+        """The boxes as a `supervision.Detections`: xyxy in pixels of the original image, one row per box in
+        output order; class_id numbers the distinct phrases in order of first appearance and
+        data["class_name"] holds each row's phrase; confidence is the box's score (NaN where the prompt
+        gave the box). Needs `pip install 'kosmos2[detections]'`."""
+        try:
+            import supervision as sv
+        except ImportError as e:
+            raise ImportError(
+                "GroundingResult.to_supervision() needs the supervision package: "
+                "pip install 'kosmos2[detections]'"
+            ) from e
+        import numpy as np
+
+        rows = [
+            (e.phrase, box, e.scores[i] if i < len(e.scores) else None)
+            for e in self.entities
+            for i, box in enumerate(e.pixel_boxes)
+        ]
+        names = list(dict.fromkeys(phrase for phrase, _, _ in rows))
+        return sv.Detections(
+            xyxy=np.array([box for _, box, _ in rows], dtype=np.float32).reshape(-1, 4),
+            confidence=np.array([np.nan if c is None else c for _, _, c in rows], dtype=np.float32),
+            class_id=np.array([names.index(phrase) for phrase, _, _ in rows], dtype=int),
+            data={"class_name": np.array([phrase for phrase, _, _ in rows], dtype=str)},
+        )
+
+
+@dataclass
+class Candidate:
+    """A box `locate` could answer with: normalised and in pixels, with its score (see EntityResult)."""
+
+    box: grounding.Box
+    pixel_box: grounding.Box
+    score: float  # sqrt(p(ul) * p(lr | ul)) after `<object>`, as EntityResult.scores
+    logp_ul: float
+    logp_lr: float
+
+
+@dataclass
+class LocateResult(GroundingResult):
+    """A REC result (`Predictor.locate`): the greedy answer as before, plus what to trust about it.
+
+    found: the expression fits something in the image (found_score >= the predictor's found_threshold).
+    ambiguous: it was found and fits more than one object (ambiguity_score >= ambiguous_threshold): ask
+    the user which one, among `candidates`. candidates: distinct boxes (no two overlap with IoU >=
+    CANDIDATE_IOU), best first; the first is the greedy answer whenever greedy decoding wrote a valid box.
+    How the scores are computed: docs/TRUST.md.
+    """
+
+    expression: str = ""
+    found: bool | None = None
+    ambiguous: bool | None = None
+    # p(" yes") / (p(" yes") + p(" no")) to "Is there <expression>?"; None (and found, ambiguous None) for a
+    # model that states it was not trained for plain VQA
+    found_score: float | None = None
+    ambiguity_score: float | None = None  # score of the second candidate / score of the first
+    candidates: list[Candidate] = field(default_factory=list)
+
+    @property
+    def box(self) -> grounding.Box | None:
+        """The answer's normalised box (the first box generated for the expression), None if none."""
+        boxes = self.boxes_for(self.expression)
+        return boxes[0] if boxes else None
+
+    @property
+    def pixel_box(self) -> grounding.Box | None:
+        box = self.box
+        return None if box is None else grounding.box_to_pixels(box, *self.image_size)
+
+
+@dataclass
+class ZoomResult:
+    """What `Predictor.zoom` found and what the task said about the crop.
+
+    located: the `locate` result on the whole image. crop_box: the crop in pixels of the original image
+    (None when nothing was found). crop: the cropped image. result: the task's output on the crop; a
+    GroundingResult's boxes are mapped back into the original image (`pixel_boxes`, `boxes`).
+    """
+
+    located: LocateResult
+    crop_box: grounding.Box | None
+    crop: Any
+    result: Any
+
 
 def _as_list(x: Any) -> tuple[list[Any], bool]:
     if isinstance(x, (list, tuple)) and not (
@@ -105,8 +256,22 @@ def _as_list(x: Any) -> tuple[list[Any], bool]:
 class Predictor:
     """A loaded model + tokenizer + decoding defaults; stateless between calls."""
 
-    def __init__(self, model, tokenizer, generation: GenerationConfig | None = None, batch_size: int = 8):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        generation: GenerationConfig | None = None,
+        batch_size: int = 8,
+        tasks: Sequence[str] | None = None,
+        scores: bool = True,
+    ):
+        """scores: give every generated box and phrase a score (one teacher-forced pass per batch after
+        generation; `EntityResult.scores`). `found_threshold` / `ambiguous_threshold`: `locate`'s
+        decisions."""
         self.model = model.eval()
+        self.scores = scores
+        self.found_threshold = FOUND_THRESHOLD
+        self.ambiguous_threshold = AMBIGUOUS_THRESHOLD
         self.tokenizer = tokenizer
         self.generation = generation or GenerationConfig(
             eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id
@@ -116,6 +281,9 @@ class Predictor:
         self.image_resolution = cfg.vision.image_size
         self.num_image_tokens = cfg.latent_query_num
         self.grid = grounding.GRID
+        # the tasks the model was trained for (None: not stated, every task is tried); see TASKS
+        self.tasks: frozenset[str] | None = None if tasks is None else frozenset(tasks)
+        self.source = "this model"  # named in messages; from_pretrained sets the directory
 
     @classmethod
     def from_pretrained(
@@ -137,6 +305,17 @@ class Predictor:
         from kosmos2.tokenizer import Kosmos2Tokenizer
 
         directory = Path(path) if path is not None else default_model_dir()
+        from_env = path is None and bool(os.environ.get(DEFAULT_MODEL_ENV))
+        if from_env:  # every problem of this directory is reported as one of the variable
+            try:
+                return cls.from_pretrained(directory, dtype=dtype, device=device, batch_size=batch_size)
+            except (OSError, ValueError) as e:
+                message = f"${DEFAULT_MODEL_ENV}={str(directory)!r}: {e}"
+                try:
+                    named = type(e)(message)
+                except TypeError:  # an exception type with other constructor arguments (JSONDecodeError)
+                    named = OSError(message) if isinstance(e, OSError) else ValueError(message)
+                raise named from e
         if not directory.is_dir():
             hint = (
                 "pass the directory of a Kosmos-2 checkpoint in the Hugging Face layout"
@@ -144,7 +323,9 @@ class Predictor:
                 else f"the built-in default model is missing from the installation; set ${DEFAULT_MODEL_ENV} "
                 "or pass a checkpoint directory"
             )
-            raise FileNotFoundError(f"model directory {str(directory)!r} does not exist: {hint}")
+            what = "is a file, not a directory" if directory.exists() else "does not exist"
+            raise FileNotFoundError(f"model directory {str(directory)!r} {what}: {hint}")
+        _check_device(device)
         stored = "int8" if quantization_config(directory) is not None else "float32"
         name = dtype_name(dtype) or stored
         if stored == "int8" and name != "int8":
@@ -157,11 +338,31 @@ class Predictor:
                 f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding "
                 f"only {model.config.text.vocab_size}; the tokenizer files do not belong to these weights"
             )
-        return cls(model, tokenizer, generation_defaults(directory, tokenizer), batch_size=batch_size)
+        predictor = cls(
+            model, tokenizer, generation_defaults(directory, tokenizer), batch_size, model_tasks(directory)
+        )
+        predictor.source = str(directory)
+        return predictor
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def supports(self, task: str) -> bool:
+        """Whether the model was trained for `task` (one of TASKS); True when the model does not say."""
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; the tasks are {list(TASKS)}")
+        return self.tasks is None or task in self.tasks
+
+    def check_task(self, task: str) -> None:
+        """Raise UnsupportedTaskError if the model states its tasks and `task` is not among them."""
+        if not self.supports(task):
+            raise UnsupportedTaskError(
+                f"{self.source} was not trained for {task} (its generation_config.json lists {TASKS_KEY}: "
+                f"{', '.join(t for t in TASKS if t in self.tasks)}); its output would be meaningless. Use a "
+                f"model trained for it (the official weights know every task), or call ground() with the "
+                f"prompt yourself to try anyway"
+            )
 
     # -- building blocks ----------------------------------------------------------------------------------
 
@@ -174,7 +375,9 @@ class Predictor:
     def _options(self, defaults: dict[str, Any], options: dict[str, Any]) -> GenerationConfig:
         return GenerationConfig.from_kwargs(self.generation, **{**defaults, **options})
 
-    def _result(self, prompt: str, new_ids: list[int], size: tuple[int, int]) -> GroundingResult:
+    def _result(
+        self, prompt: str, new_ids: list[int], size: tuple[int, int], logprobs: list[float] | None = None
+    ) -> GroundingResult:
         text = self.tokenizer.decode(new_ids)
         # parse prompt + continuation as one text: a prompt's <phrase> gets its box from the continuation
         prompt_ids = self.tokenizer.encode(prompt.strip())
@@ -184,7 +387,64 @@ class Predictor:
             EntityResult(e.phrase, e.span, e.boxes, [grounding.box_to_pixels(b, W, H) for b in e.boxes])
             for e in parsed.entities
         ]
+        if logprobs is not None:
+            prompt_boxes = sum(
+                len(e.boxes) for e in grounding.parse(self.tokenizer.decode(prompt_ids)).entities
+            )
+            self._attach_scores(entities, prompt_boxes, new_ids, logprobs)
         return GroundingResult(prompt, text, parsed.caption, entities, size, new_ids)
+
+    def _attach_scores(
+        self, entities: list[EntityResult], prompt_boxes: int, ids: list[int], logprobs: list[float]
+    ) -> None:
+        """Give each generated box its score and each generated phrase its phrase score.
+
+        The generated boxes are read off the token ids as `grounding.parse` reads them (two location tokens
+        between `<object>` / delimiter / `</object>`, corners in order) and matched in order to the parsed
+        entities' boxes after the `prompt_boxes` the prompt held.
+        """
+        tok = self.tokenizer
+        offset, cells = tok.patch_index_offset, self.grid * self.grid
+        tag = {name: tok.token_to_id(name) for name in grounding.TAG_TOKENS}
+        boxes: list[tuple[grounding.Box, float]] = []
+        phrases: list[tuple[str, float]] = []
+        group: list[int] | None = None
+        phrase_at: int | None = None
+        for i, t in enumerate(ids):
+            if t in (tag[grounding.OBJECT_START], tag[grounding.DELIMITER], tag[grounding.OBJECT_END]):
+                if group is not None and len(group) == 2:
+                    ul, lr = (ids[j] - offset for j in group)
+                    try:
+                        box = grounding.tokens_to_box(ul, lr, self.grid)
+                        boxes.append((box, math.exp((logprobs[group[0]] + logprobs[group[1]]) / 2)))
+                    except ValueError:
+                        pass
+                group = [] if t != tag[grounding.OBJECT_END] else None
+            elif group is not None and offset <= t < offset + cells:
+                group.append(i)
+            elif group is not None:
+                group = None
+            if t == tag[grounding.PHRASE_START]:
+                phrase_at = i + 1
+            elif t == tag[grounding.PHRASE_END] and phrase_at is not None and i > phrase_at:
+                mean = sum(logprobs[phrase_at:i]) / (i - phrase_at)
+                phrases.append((tok.decode(ids[phrase_at:i]).strip(), math.exp(mean)))
+                phrase_at = None
+        k = seen = 0
+        for e in entities:
+            e.scores = []
+            for box in e.boxes:
+                score = None
+                if seen >= prompt_boxes and k < len(boxes) and boxes[k][0] == box:
+                    score = boxes[k][1]
+                    k += 1
+                e.scores.append(score)
+                seen += 1
+        k = 0
+        for e in entities:
+            if k < len(phrases) and phrases[k][0] == e.phrase:
+                e.phrase_score = phrases[k][1]
+                k += 1
 
     # -- the one entry point ------------------------------------------------------------------------------
 
@@ -199,8 +459,14 @@ class Predictor:
         return self._run(images, prompts, {}, options)
 
     def _run(
-        self, images: Any, prompts: Any, defaults: dict[str, Any], options: dict[str, Any]
+        self,
+        images: Any,
+        prompts: Any,
+        defaults: dict[str, Any],
+        options: dict[str, Any],
+        after: Callable[[list[GroundingResult], torch.Tensor, dict[str, torch.Tensor]], None] | None = None,
     ) -> GroundingResult | list[GroundingResult]:
+
         image_list, batched = _as_list(images)
         prompt_list, prompts_batched = (
             ([prompts], False) if isinstance(prompts, str) else (list(prompts), True)
@@ -217,6 +483,7 @@ class Predictor:
         for p in prompt_list:
             if not isinstance(p, str):
                 raise TypeError(f"prompts must be str, got {type(p).__name__}")
+            grounding.check_prompt(p, self.grid, self.tokenizer.token_to_id)  # PromptError: what and where
         cfg = self._options(defaults, options)
         results: list[GroundingResult] = []
         for start in range(0, len(image_list), self.batch_size):
@@ -228,7 +495,18 @@ class Predictor:
             new = generate(
                 self.model, batch["input_ids"], batch["attention_mask"], embeds, batch["image_mask"], cfg
             )
-            results += [self._result(p, n, s) for p, n, s in zip(chunk_prompts, new, sizes, strict=True)]
+            logprobs: list[Any] = [None] * len(new)
+            if self.scores:
+                logprobs = token_logprobs(
+                    self.model, batch["input_ids"], batch["attention_mask"], embeds, batch["image_mask"], new
+                )
+            chunk = [
+                self._result(p, n, s, lp)
+                for p, n, s, lp in zip(chunk_prompts, new, sizes, logprobs, strict=True)
+            ]
+            if after is not None:
+                after(chunk, embeds, batch)
+            results += chunk
         return results if batched else results[0]
 
     def _encode_unique(self, images: list[Any]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -278,21 +556,167 @@ class Predictor:
 
     def caption(self, images: Any, detailed: bool = False, grounded: bool = True, **options: Any):
         """Brief or detailed caption, grounded (greedy) or plain (beam 5, as the official evaluation)."""
+        self.check_task("caption" if not grounded else "detailed_caption" if detailed else "grounded_caption")
         if not grounded:
             return self._run(images, PROMPT_PLAIN, {"num_beams": 5}, options)
         prompt = PROMPT_DETAILED if detailed else PROMPT_BRIEF
         return self._run(images, prompt, {"max_new_tokens": 128} if detailed else {}, options)
 
-    def locate(self, images: Any, expressions: str | Sequence[str], **options: Any):
+    def locate(
+        self, images: Any, expressions: str | Sequence[str], candidates: int = 2, **options: Any
+    ) -> LocateResult | list[LocateResult]:
         """Referring expression comprehension: `<grounding><phrase>{expression}</phrase>`; the answer is the
-        first generated box (`result.boxes_for(expression)[0]`, or `result.entities[0]`)."""
+        first generated box (`result.box`, `result.boxes_for(expression)[0]`), greedy as before.
+
+        Each result also says whether to trust it (LocateResult): `found`, `ambiguous`, their scores, and up
+        to `candidates` distinct scored boxes (a search over the two location tokens after `<object>`:
+        the likeliest upper-left cells, each completed by its likeliest valid lower-right cell). Costs, per
+        batch, one pass to score the answer, one prefill + one step for the candidates and one prefill for
+        the found question. How each score is computed: docs/TRUST.md.
+        """
+        self.check_task("rec")
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+            raise ValueError(f"candidates must be a positive number of boxes, got {candidates!r}")
         exprs = [expressions] if isinstance(expressions, str) else list(expressions)
+        for e in exprs:
+            if not isinstance(e, str):
+                raise TypeError(f"expressions must be str, got {type(e).__name__}")
         prompts = [
             f"{grounding.GROUNDING}{grounding.PHRASE_START}{e.strip()}{grounding.PHRASE_END}" for e in exprs
         ]
+        beams = max(CANDIDATE_BEAMS, 4 * candidates)
+
+        def trust(chunk: list[GroundingResult], embeds: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+            tok = self.tokenizer
+            image_mask = batch["image_mask"]
+            object_logp, found = location_candidates(
+                self.model,
+                batch["input_ids"],
+                batch["attention_mask"],
+                embeds,
+                image_mask,
+                tok.token_to_id(grounding.OBJECT_START),
+                tok.patch_index_offset,
+                self.grid,
+                beams,
+            )
+            # the found question is plain VQA: a model not trained for it gives no found score (found None)
+            found_scores: list[float | None] = (
+                self._exists(embeds, [_question_words(r.prompt) for r in chunk])
+                if self.supports("vqa")
+                else [None] * len(chunk)
+            )
+            for i, r in enumerate(chunk):
+                W, H = r.image_size
+                distinct: list[Candidate] = []
+                for c in found[i]:
+                    box = grounding.tokens_to_box(c.ul, c.lr, self.grid)
+                    if all(grounding.iou(box, d.box) < CANDIDATE_IOU for d in distinct):
+                        distinct.append(
+                            Candidate(
+                                box,
+                                grounding.box_to_pixels(box, W, H),
+                                math.exp(c.logp / 2),
+                                c.logp_ul,
+                                c.logp_lr,
+                            )
+                        )
+                ambiguity = distinct[1].score / distinct[0].score if len(distinct) > 1 else 0.0
+                is_found = None if found_scores[i] is None else found_scores[i] >= self.found_threshold
+                chunk[i] = LocateResult(
+                    **{f: getattr(r, f) for f in GroundingResult.__dataclass_fields__},
+                    expression=_question_words(r.prompt, article=False),
+                    found=is_found,
+                    ambiguous=None
+                    if is_found is None
+                    else is_found and ambiguity >= self.ambiguous_threshold,
+                    found_score=found_scores[i],
+                    ambiguity_score=ambiguity,
+                    candidates=distinct[:candidates],
+                )
+
         return self._run(
-            images, prompts[0] if isinstance(expressions, str) else prompts, {"max_new_tokens": 24}, options
+            images,
+            prompts[0] if isinstance(expressions, str) else prompts,
+            {"max_new_tokens": 24},
+            options,
+            after=trust,
         )
+
+    def zoom(
+        self,
+        image: Any,
+        expression: str,
+        then: str | Callable[[Any], Any] = "describe",
+        question: str | None = None,
+        margin: float = ZOOM_MARGIN,
+        force: bool = False,
+        **options: Any,
+    ) -> ZoomResult:
+        """Crop-and-ask: locate `expression`, crop around its box with a margin, run a task on the crop.
+
+        then: "describe" (box -> description of the object in the crop), "caption" (grounded caption of
+        the crop), "vqa" / "grounded_vqa" (`question` about the crop), or a callable taking the crop (a PIL
+        image) and returning anything, e.g. `lambda im: pytesseract.image_to_string(im)` for OCR.
+        margin: added on each side as a fraction of the box's width and height (clipped to the image).
+        force: crop even when `locate` says the expression is not found (by default the task is skipped and
+        `result` is None: ask the user instead). Boxes of a GroundingResult from the crop are mapped back to
+        the original image. options: generation options for the task on the crop.
+        """
+        tasks = ("describe", "caption", "vqa", "grounded_vqa")
+        if not callable(then) and then not in tasks:
+            raise ValueError(f"then={then!r}: give one of {tasks} or a callable taking the cropped image")
+        if then in ("vqa", "grounded_vqa") and not (isinstance(question, str) and question.strip()):
+            raise ValueError(f"then={then!r} needs question='...' (what to ask about the crop)")
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin <= 10:
+            raise ValueError(
+                f"margin must be a number in [0, 10] (a fraction of the box size), got {margin!r}"
+            )
+        picture = load_image(image)
+        W, H = image_size(picture)
+        located = self.locate(picture, expression)
+        box = located.pixel_box
+        if box is None or (located.found is False and not force):
+            return ZoomResult(located, None, None, None)
+        x1, y1, x2, y2 = box
+        mw, mh = margin * (x2 - x1), margin * (y2 - y1)
+        left, top = max(0, math.floor(x1 - mw)), max(0, math.floor(y1 - mh))
+        right, bottom = min(W, math.ceil(x2 + mw)), min(H, math.ceil(y2 + mh))
+        crop = picture.crop((left, top, right, bottom))
+        if callable(then):
+            result = then(crop)
+        elif then == "describe":
+            inside = (x1 - left, y1 - top, x2 - left, y2 - top)
+            result = self.describe_region(crop, inside, **options)
+        elif then == "caption":
+            result = self.caption(crop, **options)
+        else:
+            result = self.vqa(crop, question, grounded=then == "grounded_vqa", **options)
+        if isinstance(result, GroundingResult):
+            result = _uncrop(result, (left, top), (W, H))
+        return ZoomResult(located, (float(left), float(top), float(right), float(bottom)), crop, result)
+
+    @torch.no_grad()
+    def _exists(self, embeds: torch.Tensor, things: list[str]) -> list[float]:
+        """p(" yes") / (p(" yes") + p(" no")) as the answer to `Question: Is there {thing}? Answer:`."""
+        tok = self.tokenizer
+        prompts = [f"Question: Is there {t}? Answer:" for t in things]
+        batch = {
+            k: v.to(self.device)
+            for k, v in tok.batch_encode(prompts, num_image_tokens=self.num_image_tokens).items()
+        }
+        logits, _ = prefill(
+            self.model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            embeds,
+            batch["image_mask"],
+            batch["input_ids"].shape[1] + 1,
+        )
+        self.model.clear_cache()
+        logp = torch.log_softmax(logits, dim=-1)
+        yes, no = tok.encode("yes")[0], tok.encode("no")[0]
+        return torch.sigmoid(logp[:, yes] - logp[:, no]).tolist()
 
     def ground_phrases(
         self, image: Any, caption: str, phrases: Sequence[str | tuple[int, int]], **options: Any
@@ -303,6 +727,7 @@ class Predictor:
         prompt is `<grounding>{caption before it} <phrase>{phrase}</phrase>`; returns one list of normalised
         boxes per phrase (empty when the model gave none).
         """
+        self.check_task("phrase_grounding")
         prompts, names = [], []
         for ph in phrases:
             if isinstance(ph, str):
@@ -327,30 +752,130 @@ class Predictor:
         results = self._run([image] * len(prompts), prompts, {"max_new_tokens": 24}, options)
         return [r.boxes_for(n) for r, n in zip(results, names, strict=True)]
 
-    def describe_region(self, images: Any, box: Sequence[float], normalized: bool = False, **options: Any):
+    def describe_region(
+        self,
+        images: Any,
+        box: Sequence[float],
+        units: str = "pixels",
+        normalized: bool | None = None,
+        **options: Any,
+    ):
         """Box in, text out: `<phrase> It</phrase><object>{box}</object> is` (SPEC §1).
 
-        `box` is (x1, y1, x2, y2) in pixels of the original image, or in [0, 1] with normalized=True.
+        box: (x1, y1, x2, y2). units: "pixels" (the default) for pixels of the original image, as
+        supervision's `Detections.xyxy`, detectors and this predictor's `pixel_boxes` give them; "normalized"
+        for coordinates in [0, 1], as transformers' `Kosmos2Processor(bboxes=...)` and `EntityResult.boxes`
+        take them. `normalized=True/False` is the older spelling of units. A box outside the image, empty or
+        inverted is refused in the units given; a pixel box whose coordinates are all <= 1 (less than a pixel
+        wide: almost certainly normalised) gets a warning.
         """
+        self.check_task("reg")
+        if normalized is not None:
+            units = "normalized" if normalized else "pixels"
+        if units not in BOX_UNITS:
+            raise ValueError(f"units={units!r}: say how the box is measured, one of {BOX_UNITS}")
         image_list, batched = _as_list(images)
         image_list = [load_image(im) for im in image_list]  # decoded once: its size and its pixels
-        prompts = []
-        for im in image_list:
-            b = tuple(float(v) for v in box)
-            if not normalized:
-                b = grounding.box_to_normalized(b, *image_size(im))
-            prompts.append(
-                f"{grounding.PHRASE_START} It{grounding.PHRASE_END}{grounding.object_markup([b])} is"
-            )
+        prompts = [
+            f"{grounding.PHRASE_START} It{grounding.PHRASE_END}"
+            f"{grounding.object_markup([_region(box, units, image_size(im))])} is"
+            for im in image_list
+        ]
         return self._run(
             image_list if batched else image_list[0], prompts if batched else prompts[0], {}, options
         )
 
     def vqa(self, images: Any, question: str, grounded: bool = False, **options: Any):
         """`Question: {q} Answer:` (or `<grounding> Question: ...`), greedy; `result.answer` is the answer."""
+        self.check_task("grounded_vqa" if grounded else "vqa")
         prompt = (
             f"{grounding.GROUNDING} Question: {question.strip()} Answer:"
             if grounded
             else (f"Question: {question.strip()} Answer:")
         )
         return self._run(images, prompt, {"max_new_tokens": 24}, options)
+
+
+def _region(box: Sequence[float], units: str, size: tuple[int, int]) -> grounding.Box:
+    """`describe_region`'s box checked in the caller's units, then normalised."""
+    W, H = size
+    try:
+        x1, y1, x2, y2 = grounding._finite_box(box)
+    except ValueError as e:
+        raise ValueError(f"describe_region: {e}") from None
+    shown = f"({x1:g}, {y1:g}, {x2:g}, {y2:g})"
+    if not (x2 > x1 and y2 > y1):
+        raise ValueError(
+            f"box {shown} ({units}) is empty or inverted: need x2 > x1 and y2 > y1, corners "
+            "(x1, y1, x2, y2), not (x, y, width, height)"
+        )
+    if units == "normalized":
+        tol = grounding.BOX_TOLERANCE
+        if not all(-tol <= v <= 1 + tol for v in (x1, y1, x2, y2)):
+            raise ValueError(
+                f"box {shown} has coordinates outside [0, 1], but units='normalized'; for a box in pixels of "
+                f"the {W}x{H} image pass units='pixels'"
+            )
+        return x1, y1, x2, y2
+    tx, ty = grounding.BOX_TOLERANCE * W, grounding.BOX_TOLERANCE * H  # pixel rounding of a detector
+    outside = [
+        f"{n} = {v:g} {'<' if v < low else '>'} {low if v < low else high}"
+        for n, v, low, high in (("x1", x1, -tx, W + tx), ("y1", y1, -ty, H + ty), ("x2", x2, -tx, W + tx))
+        + (("y2", y2, -ty, H + ty),)
+        if not low <= v <= high
+    ]
+    if outside:
+        raise ValueError(
+            f"box {shown} (pixels) reaches outside the {W}x{H} image ({', '.join(outside)}); pass a box "
+            "inside the image, in pixels of the original image"
+        )
+    if max(x1, y1, x2, y2) <= 1.0 and min(W, H) > 4:
+        warnings.warn(
+            f"box {shown} is read as pixels (units='pixels'), but every coordinate is <= 1: a box under one "
+            f"pixel on the {W}x{H} image; if it is normalised to [0, 1], pass units='normalized'",
+            UserWarning,
+            stacklevel=3,
+        )
+    return grounding.box_to_normalized((x1, y1, x2, y2), W, H)
+
+
+def _check_device(device: torch.device | str) -> None:
+    """Refuse a device this machine lacks with a message, before any weights move."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UsageError(f"device {device!r} is not a torch device ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r}: CUDA is not available on this machine; use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _question_words(prompt: str, article: bool = True) -> str:
+    """The expression of a REC prompt; with `article`, led by "a"/"an" in place of "the" ("the red
+    circle" -> "a red circle") for the found question."""
+    words = grounding.parse(prompt).caption.strip()
+    if not article:
+        return words
+    lower = words.lower()
+    for lead in ("the ", "a ", "an "):
+        if lower.startswith(lead):
+            words = words[len(lead) :]
+            break
+    else:
+        return words
+    return ("an " if words[:1].lower() in "aeiou" and words else "a ") + words
+
+
+def _uncrop(result: GroundingResult, offset: tuple[int, int], size: tuple[int, int]) -> GroundingResult:
+    """A result on a crop with its boxes moved into the original image (pixels and normalised)."""
+    from dataclasses import replace
+
+    dx, dy = offset
+    W, H = size
+    entities = []
+    for e in result.entities:
+        pixels = [(x1 + dx, y1 + dy, x2 + dx, y2 + dy) for x1, y1, x2, y2 in e.pixel_boxes]
+        boxes = [grounding.box_to_normalized(b, W, H) for b in pixels]
+        entities.append(replace(e, boxes=boxes, pixel_boxes=pixels))
+    return replace(result, entities=entities, image_size=(W, H))

@@ -74,10 +74,13 @@ def test_ground_tasks_and_errors(tiny_checkpoint_dir, image_files, capsys):
     main([*base, "--locate", "the ball"])
     assert json.loads(capsys.readouterr().out)["prompt"] == "<grounding><phrase>the ball</phrase>"
     main([*base, "--sample", "--seed", "1"])
-    with pytest.raises(SystemExit, match="is not a file"):
-        main(["ground", "missing.png", "--model", str(tiny_checkpoint_dir)])
-    with pytest.raises(SystemExit):  # --prompt and --task together
+    capsys.readouterr()
+    assert main(["ground", "missing.png", "--model", str(tiny_checkpoint_dir)]) == 1
+    assert capsys.readouterr().err == "kosmos2 ground: 'missing.png': no such file; check the path\n"
+    with pytest.raises(SystemExit) as usage:  # --prompt and --task together
         main([*base, "--prompt", "x", "--task", "brief"])
+    assert usage.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_info(tiny_checkpoint_dir, capsys):

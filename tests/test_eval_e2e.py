@@ -64,12 +64,14 @@ def test_refcoco_end_to_end_and_resume(tmp_path, checkpoint, capsys) -> None:
     assert "refcoco val: Acc@0.5 first" in capsys.readouterr().out
     # one plot of each kind per split, nothing pooled
     plots = sorted(p.name for p in out.glob("*.png") if p.name != "samples.png")
-    assert plots == [
+    assert [p for p in plots if not p.startswith("threshold_")] == [
         "by_length_refcoco_testA.png",
         "by_length_refcoco_val.png",
         "iou_hist_refcoco_testA.png",
         "iou_hist_refcoco_val.png",
     ]
+    # past one IoU threshold, per dataset and split (a reliability plot too where boxes have scores)
+    assert {"threshold_refcoco_testA_iou.png", "threshold_refcoco_val_iou.png"} <= set(plots)
     assert (out / "report.md").is_file() and (out / "samples.png").is_file()
 
     # the scored boxes are the Predictor's own, for the same image and prompt
@@ -124,12 +126,14 @@ def test_flickr30k_end_to_end(tmp_path, checkpoint) -> None:
         and m["results"]["test"]["recall"]["all"]["count"] == 2
     )
     assert set(m["results"]["val"]["recall"]) == {"all", "people", "clothing", "bodyparts", "other"}
-    assert sorted(p.name for p in out.glob("*.png") if p.name != "samples.png") == [
+    plots = sorted(p.name for p in out.glob("*.png") if p.name != "samples.png")
+    assert [p for p in plots if not p.startswith("threshold_")] == [
         "by_type_test.png",
         "by_type_val.png",
         "iou_hist_test.png",
         "iou_hist_val.png",
     ]
+    assert {"threshold_test_iou.png", "threshold_val_iou.png"} <= set(plots)
 
 
 def test_flickr30k_captions(tmp_path, checkpoint) -> None:

@@ -177,6 +177,13 @@ def test_tiles_state_recall_at_each_k_and_plots_are_per_split(data) -> None:
     assert flickr30k.recall_verdict(records["his hand"]) == "no box, R@k miss"
     if report.have_matplotlib():
         plots = sorted(p.name for p in out.glob("*.png") if p.name != "samples.png")
-        assert plots == ["by_type_test.png", "by_type_val.png", "iou_hist_test.png", "iou_hist_val.png"]
+        assert plots == [
+            "by_type_test.png",
+            "by_type_val.png",
+            "iou_hist_test.png",
+            "iou_hist_val.png",
+            "threshold_test_iou.png",  # accuracy against the IoU threshold, per split (docs/TRUST.md)
+            "threshold_val_iou.png",
+        ]
         md = (out / "report.md").read_text()
         assert "(iou_hist_val.png)" in md and "(by_type_test.png)" in md and "iou_hist.png" not in md

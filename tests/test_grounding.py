@@ -736,3 +736,93 @@ def test_iou():
     assert iou((2, 2, 0, 0), (0, 0, 2, 2)) == 0.0  # an inverted box has no area
     with pytest.raises(ValueError, match="4 numbers"):
         iou((0, 0, 1), (0, 0, 1, 1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checking hand-written markup (prompts, `kosmos2 draw` text): what is wrong and where, by hand
+
+
+@pytest.mark.parametrize(
+    "text, offset, message",
+    [
+        # "<grounding>An image of" is 22 characters: the bad token starts at 22
+        ("<grounding>An image of<patch_index_9999>", 22, r"outside the 32×32 grid.*<patch_index_1023>"),
+        ("<grounding><phrase>the circle", 11, r"unclosed <phrase>: add </phrase>"),
+        ("<grounding><phrase></phrase>", 11, r"empty <phrase></phrase>"),
+        ("<grounding><phrase>   </phrase>", 11, r"empty <phrase></phrase>"),
+        ("<grounding></phrase>", 11, r"'</phrase>' closes no <phrase>"),
+        ("<phrase>a <phrase>b</phrase>", 10, r"'<phrase>' inside the phrase opened at character 0"),
+        (
+            "<phrase>a<object><patch_index_0000><patch_index_0001></object>",
+            9,
+            r"'<object>' inside the phrase",
+        ),
+        ("a <object><patch_index_0001></object>", 10, r"an object's box is 2 location tokens, found 1"),
+        ("a <object><patch_index_0001><patch_index_0002>", 2, r"unclosed <object>"),
+        ("a <patch_index_0001> b", 2, r"outside <object>"),
+        ("a </object>", 2, r"closes no <object>"),
+        ("a <object>x</object>", 2, r"box is 2 location tokens, found 0"),
+        # cell 811 = row 25, col 11 above-left of cell 517 = row 16, col 5: inverted
+        ("<phrase>a</phrase><object><patch_index_0811><patch_index_0517></object>", 26, r"above or left"),
+        ("<patch_index_12>", 0, r"not a location token: write '<patch_index_0012>'"),
+        ("<Phrase>x</Phrase>", 0, r"not a Kosmos-2 tag.*'<phrase>'"),
+        ("An image of<grounding>", 11, r"'<grounding>' must open the prompt"),
+        ("<image>An image of", 0, r"prompt layout"),
+        ("An image of</s>", 11, r"prompt layout"),
+    ],
+)
+def test_markup_problems_say_what_and_where(text, offset, message):
+    from kosmos2.errors import PromptError
+    from kosmos2.grounding import check_prompt, markup_problems
+
+    problems = markup_problems(text)
+    assert problems and problems[0][0] == offset, problems
+    assert re.search(message, problems[0][1]), problems
+    with pytest.raises(PromptError, match=rf"at character {offset}: .*" + message):
+        check_prompt(text)
+    with pytest.raises(ValueError):  # a PromptError is a ValueError for Python callers
+        check_prompt(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "<grounding>An image of",
+        "<grounding>Describe this image in detail:",
+        "<grounding> Question: What is it? Answer:",
+        "<grounding><phrase>a red ball</phrase>",
+        "<phrase> It</phrase><object><patch_index_0000><patch_index_1023></object> is",
+        "<grounding>a <phrase>dog</phrase><object><patch_index_0044><patch_index_0863>"
+        "</delimiter_of_multi_objects/><patch_index_0001><patch_index_0002></object> and",
+        "a heart <3 and <b>bold</b> text",  # tag-shaped but not Kosmos-2 tokens: plain text
+    ],
+)
+def test_sound_prompts_pass(text):
+    from kosmos2.grounding import check_prompt, markup_problems
+
+    assert markup_problems(text) == []
+    assert check_prompt(text) == text
+
+
+def test_markup_problems_against_a_vocabulary_and_a_grid():
+    from kosmos2.grounding import markup_problems
+
+    vocabulary = {patch_token(i): i for i in range(16)} | {t: 100 + i for i, t in enumerate(TAG_TOKENS)}
+    text = "<phrase>a</phrase><object><patch_index_0003><patch_index_0015></object>"
+    assert markup_problems(text, grid=4, vocabulary=vocabulary.get) == []
+    # on a 4 x 4 grid cell 16 is off the grid; a vocabulary without <patch_index_0014> refuses it
+    assert "outside the 4×4 grid" in markup_problems(text.replace("0015", "0016"), grid=4)[0][1]
+    del vocabulary[patch_token(14)]
+    problems = markup_problems(text.replace("0015", "0014"), grid=4, vocabulary=vocabulary.get)
+    assert problems == [(44, "'<patch_index_0014>' is not in this model's vocabulary")]
+
+
+def test_markup_problems_of_generated_text_to_draw():
+    from kosmos2.grounding import markup_problems
+
+    # generated text: only what follows the last </image> counts, and layout tokens are not errors
+    text = "<s><image>x</image><grounding> a <phrase>b</phrase>"
+    text += "<object><patch_index_0001><patch_index_0034></object></s>"
+    assert markup_problems(text, prompt=False) == []
+    assert markup_problems(text, prompt=True)  # as a prompt, <s> and <image> are refused

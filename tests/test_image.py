@@ -301,6 +301,8 @@ def test_pixel_limit_is_configurable():
     data = encode(random_image(20, 10))
     with pytest.raises(ImageError, match=r"bytes \(\d+ bytes\).*20x10 = 200 pixels exceeds the limit of 199"):
         load_image(data, max_pixels=199)
+    with pytest.raises(ImageError, match=r"max_pixels= in Python, --max-pixels N on the command line"):
+        load_image(data, max_pixels=199)  # the advice names both ways of raising the limit
     assert load_image(data, max_pixels=200).size == (20, 10)
     with pytest.raises(ImageError, match="PIL image.*exceeds"):
         load_image(random_image(20, 10), max_pixels=100)
@@ -517,6 +519,19 @@ def test_draw_boxes_writes_png_atomically(tmp_path):
     assert is_white(image.getpixel((20, 60)))  # the input is untouched
 
 
+@pytest.mark.parametrize(
+    "name, fmt", [("x.jpg", "JPEG"), ("x.JPEG", "JPEG"), ("x.webp", "WEBP"), ("x.bmp", "BMP")]
+)
+def test_draw_boxes_writes_any_format_pillow_writes(tmp_path, name, fmt):
+    image = Image.new("RGB", (200, 100), "white")
+    drawn = draw_boxes(image, [(20, 30, 60, 90)], out_path=tmp_path / name)
+    assert sorted(os.listdir(tmp_path)) == [name]
+    with Image.open(tmp_path / name) as written:
+        assert written.format == fmt and written.size == (200, 100)
+        # lossy formats: the box edge is still far from white
+        assert sum(written.convert("RGB").getpixel((20, 60))) < 600 and is_white(drawn.getpixel((40, 60)))
+
+
 def test_draw_boxes_entities_and_labels():
     image = Image.new("RGB", (200, 100), "white")
     entities = [
@@ -539,8 +554,8 @@ def test_draw_boxes_bad_arguments(tmp_path):
         draw_boxes(image, [(0, 0, 5, 5)], labels=["a", "b"])
     with pytest.raises(ValueError, match="item 0: a box must be 4"):
         draw_boxes(image, [(0, 0, 5)])
-    with pytest.raises(ValueError, match=r"\.png"):
-        draw_boxes(image, [], out_path=tmp_path / "x.jpg")
+    with pytest.raises(ImageError, match=r"x\.xyz.*not an image format Pillow writes.*\.png"):
+        draw_boxes(image, [], out_path=tmp_path / "x.xyz")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         draw_boxes(image, [], out_path=tmp_path / "missing" / "x.png")
     with pytest.raises(ImageError, match=r"nope\.png"):

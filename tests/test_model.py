@@ -268,82 +268,25 @@ def test_batch_mixing_image_and_text_only_rows():
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
+    """The decoder's and the ViT's `gradient_checkpointing` flags recompute each block in backward: the same
+    loss and gradients, the image path included."""
     config = tiny_config()
     config.text.dropout = config.text.attention_dropout = 0.0  # deterministic in train mode
-    ids = torch.tensor([[0, 10, 20, 30, 40, 2]])
-    targets = torch.tensor([[10, 20, 30, 40, 2, -100]])
+    ids, mask = image_prompt(PLAIN)
+    ids, mask = torch.tensor([ids]), torch.tensor([mask])
+    targets = torch.cat([ids[:, 1:], torch.tensor([[-100]])], dim=1)
     grads = []
     for checkpointing in (False, True):
         model = random_model(config, seed=8).train()
         model.text_model.model.gradient_checkpointing = checkpointing
-        _, loss = model(ids, targets=targets)
+        model.vision_model.model.encoder.gradient_checkpointing = checkpointing
+        _, loss = model(ids, pixel_values=_pixels(config, 1), image_mask=mask, targets=targets)
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    assert "vision_model.model.encoder.layers.0.mlp.fc1.weight" in grads[0]
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
-
-
-def test_forward_shared_equals_each_sample_in_its_own_row():
-    """Samples continuing a shared image prefix (right-padded chunks, the prefix run once) get the hidden
-    states they get as whole rows of their own, prefix included; in training with gradient checkpointing
-    too."""
-    config = tiny_config()
-    config.text.dropout = config.text.attention_dropout = 0.0  # deterministic in train mode
-    model = random_model(config, seed=9)
-    decoder = model.text_model.model
-    row, mask = image_prompt(PLAIN)
-    P = max(i for i, m in enumerate(mask) if m) + 2  # through </image>
-    prefix = torch.tensor([row[:P], row[:P]])
-    prefix_mask = torch.tensor([mask[:P], mask[:P]])
-    tails = [[GROUNDING, 10, 20], [11, 12, 13, 14, 15, EOS], [GROUNDING, 30], [40, 41, 42, EOS]]
-    scenes = [0, 1, 1, 0]
-    chunks = [[0, 2], [1, 3]]  # each chunk right-padded to its longest tail
-    samples = []
-    for chunk in chunks:
-        L = max(len(tails[i]) for i in chunk)
-        ids = torch.full((len(chunk), L), PAD)
-        positions = torch.ones((len(chunk), L), dtype=torch.long)
-        for r, i in enumerate(chunk):
-            ids[r, : len(tails[i])] = torch.tensor(tails[i])
-            positions[r, : len(tails[i])] = torch.arange(P + 2, P + 2 + len(tails[i]))
-        samples.append((ids, positions, torch.tensor([scenes[i] for i in chunk])))
-    with torch.no_grad():
-        embeds = model.encode_image(_pixels(config, 2))
-        shared, hidden, tapped = decoder.forward_shared(prefix, embeds, prefix_mask, samples, tap=1)
-        # the tap: the prefix's residual stream after the first block, worked out with the plain blocks
-        for s in range(2):
-            ids = prefix[s : s + 1]
-            x = decoder.embed(ids, make_positions(ids), embeds[s : s + 1], prefix_mask[s : s + 1])
-            assert (tapped[s] - decoder.layers[0](x, None)[0]).abs().max() <= 1e-5
-        for chunk, h in zip(chunks, hidden, strict=True):
-            for r, i in enumerate(chunk):
-                ids = torch.tensor([row[:P] + tails[i]])
-                image_mask = torch.tensor([mask[:P] + [False] * len(tails[i])])
-                alone = decoder(ids, make_positions(ids), None, embeds[scenes[i]][None], image_mask)
-                assert (h[r, : len(tails[i])] - alone[0, P:]).abs().max() <= 1e-5
-                assert (shared[scenes[i]] - alone[0, :P]).abs().max() <= 1e-5
-        # without the prefix's states the last block skips its queries and MLP: the samples' states are the
-        # same, and a tap after the last block still gets the prefix
-        none, alone, _ = decoder.forward_shared(prefix, embeds, prefix_mask, samples, prefix_out=False)
-        assert none is None
-        for a, b in zip(hidden, alone, strict=True):
-            assert a.shape == b.shape and (a - b).abs().max() <= 1e-6
-        last = decoder.forward_shared(prefix, embeds, prefix_mask, samples, tap=2, prefix_out=False)
-        assert last[0] is None and last[2].shape == shared.shape
-        whole = decoder.forward_shared(prefix, embeds, prefix_mask, samples, tap=2)
-        assert (last[2] - whole[2]).abs().max() == 0
-    decoder.gradient_checkpointing = True
-    model.train()
-    again = decoder.forward_shared(prefix, embeds, prefix_mask, samples, tap=1)
-    for a, b in zip([shared, *hidden, tapped], [again[0], *again[1], again[2]], strict=True):
-        assert (a - b.detach()).abs().max() <= 1e-6
-    alone = decoder.forward_shared(prefix, embeds, prefix_mask, samples, prefix_out=False)[1]
-    for a, b in zip(hidden, alone, strict=True):
-        assert (a - b.detach()).abs().max() <= 1e-6
-    assert decoder.forward_shared(prefix, embeds, prefix_mask, samples)[2] is None
-    with pytest.raises(ValueError, match="tap=9"):
-        decoder.forward_shared(prefix, embeds, prefix_mask, samples, tap=9)
 
 
 def test_fresh_model_initialisation():

@@ -98,9 +98,9 @@ def test_task_prompts(predictor, monkeypatch):
     seen: list[tuple[list[str], dict]] = []
     real = predictor._run
 
-    def spy(images, prompts, defaults, options):
+    def spy(images, prompts, defaults, options, **hooks):
         seen.append((prompts, {**defaults, **options}))
-        return real(images, prompts, defaults, {**options, "max_new_tokens": 2})
+        return real(images, prompts, defaults, {**options, "max_new_tokens": 2}, **hooks)
 
     monkeypatch.setattr(predictor, "_run", spy)
     im = images(1)[0]  # 64 x 48
@@ -181,3 +181,159 @@ def test_generation_defaults_come_from_the_checkpoint(tiny_checkpoint_dir, tmp_p
     assert (g.no_repeat_ngram_size, g.max_new_tokens, g.num_beams) == (0, 7, 2)
     assert len(p.ground(images(1)[0]).token_ids) <= 7
     assert p.ground(images(1)[0], max_new_tokens=2, num_beams=1).token_ids  # call options still win
+
+
+# -- prompts, tasks, region units (issue 34) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompt, where",
+    [
+        ("<grounding>the circle<patch_index_9999>", r"at character 21: location token '<patch_index_9999>'"),
+        ("<grounding><phrase>the circle", r"at character 11: unclosed <phrase>"),
+        ("<grounding><phrase></phrase></phrase>", r"at character 11: empty <phrase>"),
+    ],
+)
+def test_malformed_prompts_are_refused_before_generation(predictor, prompt, where):
+    from kosmos2.errors import PromptError
+
+    with pytest.raises(PromptError, match=where):
+        predictor.ground(images(1)[0], prompt, max_new_tokens=2)
+    with pytest.raises(PromptError, match=r"'</phrase>' closes no <phrase>"):
+        predictor.locate(images(1)[0], "x</phrase> y", max_new_tokens=2)  # <phrase>x</phrase> y</phrase>
+    with pytest.raises(PromptError, match="empty <phrase>"):
+        predictor.locate(images(1)[0], "", max_new_tokens=2)
+
+
+def test_describe_region_units(predictor, monkeypatch):
+    seen = []
+    real = predictor._run
+
+    def spy(images, prompts, defaults, options):
+        seen.append(prompts)
+        return real(images, prompts, defaults, {**options, "max_new_tokens": 1})
+
+    monkeypatch.setattr(predictor, "_run", spy)
+    im = Image.new("RGB", (120, 80))
+    # (0.1, 0.1, 0.5, 0.5) normalised = (12, 8, 60, 40) pixels: cells col/row floor(3.2) = 3 -> 3*32+3 = 99
+    # and ceil(16 - 1) = 15 -> 15*32+15 = 495, by hand
+    want = "<phrase> It</phrase><object><patch_index_0099><patch_index_0495></object> is"
+    predictor.describe_region(im, (12, 8, 60, 40))  # pixels: the default
+    predictor.describe_region(im, (0.1, 0.1, 0.5, 0.5), units="normalized")
+    predictor.describe_region(im, (0.1, 0.1, 0.5, 0.5), normalized=True)  # the older spelling
+    assert seen == [want, want, want]
+    # a normalised box given as pixels: a warning, in the caller's words
+    with pytest.warns(
+        UserWarning, match=r"\(0.1, 0.1, 0.5, 0.5\) is read as pixels.*120x80.*units='normalized'"
+    ):
+        predictor.describe_region(im, (0.1, 0.1, 0.5, 0.5))
+    # errors speak the units the caller used
+    with pytest.raises(
+        ValueError, match=r"\(10, 20, 500, 60\) \(pixels\) reaches outside the 120x80 image \(x2 = 500"
+    ):
+        predictor.describe_region(im, (10, 20, 500, 60))
+    with pytest.raises(ValueError, match=r"outside \[0, 1\], but units='normalized'; .* units='pixels'"):
+        predictor.describe_region(im, (10, 20, 100, 60), units="normalized")
+    with pytest.raises(ValueError, match=r"\(60, 8, 12, 40\) \(pixels\) is empty or inverted"):
+        predictor.describe_region(im, (60, 8, 12, 40))
+    with pytest.raises(ValueError, match="units='inches'"):
+        predictor.describe_region(im, (1, 2, 3, 4), units="inches")
+
+
+def test_a_model_states_its_tasks(tiny_checkpoint_dir, tmp_path):
+    from kosmos2.errors import UnsupportedTaskError
+    from kosmos2.predictor import TASKS
+
+    assert Predictor.from_pretrained(tiny_checkpoint_dir).tasks is None  # does not say: every task is tried
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint_dir, copy)
+    (copy / "generation_config.json").write_text('{"kosmos2_tasks": ["grounded_caption", "vqa"]}')
+    p = Predictor.from_pretrained(copy)
+    assert p.tasks == {"grounded_caption", "vqa"} and p.supports("vqa") and not p.supports("rec")
+    assert p.caption(images(1)[0], max_new_tokens=1).prompt == "<grounding>An image of"
+    for call, task in [
+        (lambda: p.caption(images(1)[0], detailed=True), "detailed_caption"),
+        (lambda: p.locate(images(1)[0], "a ball"), "rec"),
+        (lambda: p.describe_region(images(1)[0], (0, 0, 5, 5)), "reg"),
+        (lambda: p.ground_phrases(images(1)[0], "a ball", ["a ball"]), "phrase_grounding"),
+        (lambda: p.vqa(images(1)[0], "what?", grounded=True), "grounded_vqa"),
+    ]:
+        with pytest.raises(
+            UnsupportedTaskError, match=rf"{copy} was not trained for {task} .*grounded_caption, vqa"
+        ):
+            call()
+    (copy / "generation_config.json").write_text('{"kosmos2_tasks": ["poetry"]}')
+    with pytest.raises(ValueError, match="kosmos2_tasks must be a list of task names"):
+        Predictor.from_pretrained(copy)
+    assert set(TASKS) >= {"rec", "reg", "detailed_caption"}
+
+
+def test_the_default_model_states_its_tasks_and_refuses_detailed_descriptions(monkeypatch):
+    """The shipped model was trained on the synthetic world's seven tasks (the synthetic recipe's mixture),
+    which has no detailed descriptions."""
+    from kosmos2.errors import UnsupportedTaskError
+    from kosmos2.predictor import DEFAULT_MODEL_ENV
+
+    monkeypatch.delenv(DEFAULT_MODEL_ENV, raising=False)
+    p = Predictor.from_pretrained()
+    from kosmos2.train.recipes.synthetic import _default_mixture
+
+    assert p.tasks == set(_default_mixture())
+    with pytest.raises(UnsupportedTaskError, match="not trained for detailed_caption"):
+        p.caption("examples/shapes.png", detailed=True)
+
+
+def test_a_bad_model_variable_is_named(monkeypatch, tmp_path):
+    from kosmos2.predictor import DEFAULT_MODEL_ENV
+
+    monkeypatch.setenv(DEFAULT_MODEL_ENV, str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match=rf"^\$KOSMOS2_MODEL='{tmp_path}/nope': .*does not exist"):
+        Predictor.from_pretrained()
+    monkeypatch.setenv(DEFAULT_MODEL_ENV, str(tmp_path))  # a folder, but no checkpoint in it
+    with pytest.raises((OSError, ValueError), match=r"^\$KOSMOS2_MODEL="):
+        Predictor.from_pretrained()
+    (tmp_path / "config.json").write_text("{")  # malformed JSON: JSONDecodeError takes other arguments
+    with pytest.raises(ValueError, match=r"^\$KOSMOS2_MODEL='.*': .*config\.json: not valid JSON"):
+        Predictor.from_pretrained()
+
+
+def test_a_malformed_generation_config_is_named(tiny_checkpoint_dir, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint_dir, copy)
+    (copy / "generation_config.json").write_text("{")
+    with pytest.raises(ValueError, match=r"generation_config\.json: not valid JSON"):
+        Predictor.from_pretrained(copy)
+
+
+def test_devices_the_machine_lacks_are_refused_with_a_message(tiny_checkpoint_dir):
+    from kosmos2.errors import UsageError, UserError
+
+    with pytest.raises(UsageError, match="'bogus' is not a torch device"):
+        Predictor.from_pretrained(tiny_checkpoint_dir, device="bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA is not available"):
+            Predictor.from_pretrained(tiny_checkpoint_dir, device="cuda")
+
+
+def test_the_readme_python_example_runs_on_the_default_model(monkeypatch, capsys):
+    """README "Using it": its first Python block runs the built-in model on examples/shapes.png, and prints
+    what its comments say."""
+    from pathlib import Path
+
+    from kosmos2.predictor import DEFAULT_MODEL_ENV
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    block = readme.split("## Using it", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "Predictor.from_pretrained()" in block and "examples/shapes.png" in block
+    assert "scene.png" not in block  # kept for the official weights' block
+    monkeypatch.delenv(DEFAULT_MODEL_ENV, raising=False)
+    monkeypatch.chdir(root)
+    exec(compile(block, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    caption = "An image of a large blue square , a large orange circle and a large purple diamond ."
+    assert printed[0] == caption and f"# {caption}" in block
+    assert printed[1] == "a large blue square (12, 31) [(6.125, 20.46875, 116.375, 126.90625)]"
+    assert printed[1].split(" (")[0] in block and "(6.125, 20.46875, 116.375, 126.90625)" in block
+    assert printed[4].startswith("[(153.125, 110.53125") and "[(153.125, 110.53125, ...)]" in block
+    assert printed[5:] == ["the large blue square", "purple"]

@@ -39,7 +39,7 @@ def test_sweep_trains_evaluates_and_tabulates_each_variant(tmp_path):
 def test_sweep_refuses_a_bad_variant_before_starting_any(tmp_path):
     for variant, message in (
         ("base", "write NAME=JSON object"),
-        ('x={"nope": 1}', "unknown recipe fields ['nope']"),
+        ('x={"nope": 1}', "recipe unknown fields ['nope']"),
         ('x={"lr": -1}', "recipe lr must be > 0"),
     ):
         done = run("--out", str(tmp_path), "--recipe", "test", "ok={}", variant)

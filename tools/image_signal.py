@@ -29,9 +29,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kosmos2 import train as T
 from kosmos2.data import synthetic as S
 from kosmos2.image import preprocess
+from kosmos2.train import optim as O
+from kosmos2.train.recipes import synthetic as T
 
 
 def make_rows(step, args, tasks, weights, tokenizer, Q, size):
@@ -113,7 +114,7 @@ def main() -> None:
     else:
         tokenizer = T.build_tokenizer(recipe, tempfile.mkdtemp(prefix="kosmos2-probe-"))
     model = T.build_model(recipe, tokenizer)
-    optimizer = T.make_optimizer(model, recipe)
+    optimizer = O.make_optimizer(model, recipe)
     Q, size = model.config.latent_query_num, model.config.vision.image_size
     fixed = [S.make_scene(S.scene_seed("train", 99, "fixed", i), "train") for i in range(64)]
     fixed_pixels = preprocess([S.render(s) for s in fixed], size=size)
@@ -140,7 +141,7 @@ def main() -> None:
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-        optimizer.set_lr(T.lr_factor(step, recipe))
+        optimizer.set_lr(O.lr_factor(step, recipe))
         optimizer.step()
         with torch.no_grad():
             after_loc = torch.zeros_like(answer)

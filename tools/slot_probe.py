@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-from kosmos2 import train
+from kosmos2.train.recipes import slots
 
 
 def format_report(name: str, report: dict) -> str:
@@ -34,9 +34,6 @@ def format_report(name: str, report: dict) -> str:
         ):
             shown = "-" if recall is None else f"{recall:.3f}"
             lines.append(f"    {label:>2}: {' '.join(f'{n:6d}' for n in row)}   recall {shown}")
-    if "counts" in report:
-        read = "  ".join(f"{name} {share:.3f}" for name, share in report["counts"].items())
-        lines.append(f"  objects sharing its ... read right: {read}")
     return "\n".join(lines)
 
 
@@ -54,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     for run in args.runs:
         try:
-            report = train.probe_slots(run, args.scenes, args.split)
+            report = slots.probe_slots(run, args.scenes, args.split)
         except ValueError as e:
             print(f"slot_probe: {e}", file=sys.stderr)
             return 2

@@ -28,8 +28,8 @@ from pathlib import Path
 def job(out: Path, recipe_name: str, overrides: dict, device: str, n_per_task: int, workers: int = 1) -> int:
     import torch
 
-    from kosmos2 import train as T
     from kosmos2.cli import main
+    from kosmos2.train.recipes import synthetic as T
 
     torch.set_num_threads(1)
     T.train(T.get_recipe(recipe_name, **overrides), out, progress=False, device=device, prefetch=workers)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     failed = []
     if not args.table:
-        from kosmos2.train import get_recipe
+        from kosmos2.train.recipes.synthetic import get_recipe
 
         for variant in args.variants:  # every variant checked before any starts
             name, sep, overrides = variant.partition("=")

@@ -52,6 +52,12 @@ Tasks (prompts per SPEC §1; every piece of markup is written by `kosmos2.ground
                       Answer: → red
     vqa               Question: How many red circles are there? Answer: → 2
                       (kinds: count, color, shape, size, where, exists)
+    rec_absent        <grounding><phrase> the green triangle</phrase> → (nothing: `</s>`) where no object
+                      fits: an object's description with one attribute changed ("near"), else a random one
+    rec_ambiguous     <grounding><phrase> the red circle</phrase> → <object>…</delimiter_of_multi_objects/>…
+                      </object> where exactly two objects fit (forms "identical" / "similar")
+                      The last two (QUERY_TASKS) are asked for by name only: they measure Predictor.locate's
+                      found / ambiguous decisions; the default mixture and evaluation sets leave them out.
 
 Captions list groups left to right by each group's leftmost centre; a group is all objects sharing size,
 colour and shape, named once with a count word and one box per member ("two large blue squares"). The REG
@@ -61,6 +67,8 @@ only when the full description fits several objects; an object that nothing deci
 Splits
     train          endless; its scenes never contain a held-out shape×colour pair (HELD_OUT_PAIRS)
     test           the train distribution on other scenes (the split name seeds them apart), fixed seed
+    calibration    the same distribution as test on yet other scenes: for fitting decision thresholds
+                   (found / ambiguous) apart from the test split they are measured on
     compositional  every scene contains a held-out pair, and the queried object (REC, REG, phrase, VQA) is
                    one; REC and count/exists questions name the pair itself (colour and shape).
                    HELD_OUT_PAIRS: blue circle, yellow square, purple triangle, red diamond, green star,
@@ -88,6 +96,7 @@ __all__ = [
     "COLOURS",
     "DEFAULT_MIXTURE",
     "HELD_OUT_PAIRS",
+    "QUERY_TASKS",
     "SHAPES",
     "SIZES",
     "SPLITS",
@@ -135,9 +144,15 @@ HELD_OUT_PAIRS = frozenset(
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 BACKGROUND_KINDS = ("flat", "gradient", "stripes", "checker", "blotches", "noise")
 
-SPLITS = ("train", "test", "compositional")
-SPLIT_SEEDS = {"test": 1, "compositional": 2}  # the fixed seeds of the evaluation splits
+SPLITS = ("train", "test", "compositional", "calibration")
+# the fixed seeds of the evaluation splits; "calibration" is the test distribution on other scenes, held out
+# for fitting decision thresholds (kosmos2.eval.synthetic's found / ambiguous thresholds) apart from the test
+SPLIT_SEEDS = {"test": 1, "compositional": 2, "calibration": 3}
 TASKS = ("grounded_caption", "caption", "rec", "phrase_grounding", "reg", "grounded_vqa", "vqa")
+# REC queries that single nothing out: an expression matching no object, and one matching exactly two. Not in
+# TASKS (the default mixture and the default evaluation sets stay as they were); asked for by name.
+QUERY_TASKS = ("rec_absent", "rec_ambiguous")
+ALL_TASKS = TASKS + QUERY_TASKS
 VQA_KINDS = ("count", "color", "shape", "size", "where", "exists")  # the plain VQA questions
 DEFAULT_MIXTURE = {
     "grounded_caption": 0.2,
@@ -788,8 +803,8 @@ def build_sample(
     vqa_kinds (task "vqa" only): weights of the question kinds (VQA_KINDS; a kind not named weighs 1), the
     kind asked drawn by them; None asks each kind alike (the evaluation sets' questions).
     """
-    if task not in TASKS:
-        raise ValueError(f"task {task!r} is not one of {TASKS}")
+    if task not in ALL_TASKS:
+        raise ValueError(f"task {task!r} is not one of {ALL_TASKS}")
     weights = None if vqa_kinds is None else check_vqa_kinds(vqa_kinds)
     if not isinstance(rng, random.Random):
         rng = random.Random(rng)
@@ -864,6 +879,77 @@ def _build_rec(facts: _Facts, focus: list[int], rng: random.Random) -> dict[str,
     return _sample(
         "rec", facts.scene, grounding.GROUNDING + prompt, target, [box], expression=expression, form=form
     )
+
+
+# Absent and ambiguous REC queries: the head descriptions they use name the shape or the colour
+QUERY_PATTERNS = tuple(p for p in PATTERNS if p[1] or p[2])
+
+
+def _rec_query(facts: _Facts, task: str, expression: str, boxes: list[Box], form: str) -> dict[str, Any]:
+    """A REC-shaped sample whose target is the boxes of every object the expression fits: none (the model
+    should stop, `</s>`, without an object) or several (one `<object>` with a box per object)."""
+    prompt = grounding.GROUNDING + grounding.PHRASE_START + " " + expression + grounding.PHRASE_END
+    target = grounding.object_markup(boxes) if boxes else ""
+    return _sample(task, facts.scene, prompt, target, boxes, expression=expression, form=form)
+
+
+def _build_rec_absent(facts: _Facts, focus: list[int], rng: random.Random) -> dict[str, Any] | None:
+    """An expression no object fits, "the green triangle": an object's description with one named attribute
+    changed (a near miss, form "near"), or, when no change gives one, a random description (form "random").
+    On the test split the description never names a held-out shape×colour pair."""
+    held_out_ok = facts.scene.split == "compositional"
+    options = []
+    for i in focus:
+        o = facts.objects[i]
+        for p in QUERY_PATTERNS:
+            d = _desc(o, p)
+            for slot, values in ((0, SIZES), (1, tuple(COLOURS)), (2, SHAPES)):
+                if d[slot] is None:
+                    continue
+                for v in values:
+                    if v == d[slot]:
+                        continue
+                    changed = tuple(v if k == slot else d[k] for k in range(3))
+                    if facts.matching(changed) or (
+                        not held_out_ok and (changed[2], changed[1]) in HELD_OUT_PAIRS
+                    ):
+                        continue
+                    options.append(changed)
+    if options:
+        d, form = rng.choice(options), "near"
+    else:
+        for _ in range(20):
+            p = rng.choice(QUERY_PATTERNS)
+            d = (
+                rng.choice(SIZES) if p[0] else None,
+                rng.choice(tuple(COLOURS)) if p[1] else None,
+                rng.choice(SHAPES) if p[2] else None,
+            )
+            if not facts.matching(d) and (held_out_ok or (d[2], d[1]) not in HELD_OUT_PAIRS):
+                break
+        else:
+            return None
+        form = "random"
+    return _rec_query(facts, "rec_absent", "the " + _desc_words(d), [], form)
+
+
+def _build_rec_ambiguous(facts: _Facts, focus: list[int], rng: random.Random) -> dict[str, Any] | None:
+    """An expression exactly two objects fit, "the red circle" (form: "identical" when the two share size,
+    colour and shape, else "similar"); the true boxes are both, left to right."""
+    options: dict[Desc, list[int]] = {}
+    for i in focus:
+        for p in QUERY_PATTERNS:
+            d = _desc(facts.objects[i], p)
+            members = facts.matching(d)
+            if len(members) == 2:
+                options[d] = sorted(members, key=lambda j: facts.cx[j])
+    if not options:
+        return None
+    d = rng.choice(sorted(options, key=lambda k: tuple(w or "" for w in k)))
+    a, b = (facts.objects[j] for j in options[d])
+    form = "identical" if a.words == b.words else "similar"
+    boxes = [facts.objects[j].norm_box for j in options[d]]
+    return _rec_query(facts, "rec_ambiguous", "the " + _desc_words(d), boxes, form)
 
 
 def _build_phrase(facts: _Facts, focus: list[int], rng: random.Random) -> dict[str, Any] | None:
@@ -1052,6 +1138,8 @@ _BUILDERS = {
     "phrase_grounding": _build_phrase,
     "reg": _build_reg,
     "grounded_vqa": _build_grounded_vqa,
+    "rec_absent": lambda facts, focus, rng: _build_rec_absent(facts, focus, rng),
+    "rec_ambiguous": lambda facts, focus, rng: _build_rec_ambiguous(facts, focus, rng),
 }  # "vqa" is built by _build_vqa with the kinds' weights (build_sample)
 
 
@@ -1174,10 +1262,10 @@ def _check_tasks(tasks: Sequence[str]) -> list[str]:
         raise ValueError(f"tasks {tasks!r} must be a list of task names, e.g. [{tasks!r}]")
     names = list(tasks)
     if not names:
-        raise ValueError(f"tasks is empty; choose from {TASKS}")
+        raise ValueError(f"tasks is empty; choose from {ALL_TASKS}")
     for t in names:
-        if t not in TASKS:
-            raise ValueError(f"task {t!r} is not one of {TASKS}")
+        if t not in ALL_TASKS:
+            raise ValueError(f"task {t!r} is not one of {ALL_TASKS}")
     return names
 
 
@@ -1186,8 +1274,8 @@ def _mixture(
 ) -> tuple[list[str], list[float]]:
     weights = dict(DEFAULT_MIXTURE if mixture is None else mixture)
     for t, w in weights.items():
-        if t not in TASKS:
-            raise ValueError(f"mixture task {t!r} is not one of {TASKS}")
+        if t not in ALL_TASKS:
+            raise ValueError(f"mixture task {t!r} is not one of {ALL_TASKS}")
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
             raise ValueError(f"mixture weight {w!r} for {t!r} must be a finite number >= 0")
     names = [t for t in weights if weights[t] > 0] if tasks is None else _check_tasks(tasks)

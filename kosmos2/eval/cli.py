@@ -110,6 +110,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"world tasks to evaluate, of {' '.join(WORLD_TASKS)} (default: all but caption)",
     )
     p.add_argument("--samples-file", type=Path, help="a JSON Lines file of REC / phrase samples instead")
+    p.add_argument(
+        "--trust",
+        action="store_true",
+        help="instead: calibrate locate's found / ambiguous thresholds on the calibration split and measure "
+        "them on the test split (ordinary, absent and ambiguous REC queries); writes trust.md, trust.json",
+    )
     _common(p, "the world's: greedy, up to 96 new tokens, no n-gram blocking (its captions repeat trigrams)")
     p.set_defaults(func=run_synthetic)
 
@@ -397,6 +403,18 @@ def run_synthetic(args: argparse.Namespace) -> int:
         return _fail(str(e))
     splits = synthetic.HELD_OUT_SPLITS if args.split == "all" else (args.split,)
     predictor = load_predictor(args)
+    if args.trust:
+        trust = synthetic.evaluate_trust(
+            predictor,
+            args.out,
+            model_id=options["model_id"],
+            n_per_task=n,
+            batch_size=options["batch_size"],
+            progress=options["progress"],
+        )
+        print("\n".join(line for line in synthetic.trust_markdown(trust) if line.startswith("|")))
+        print(f"report: {os.fspath(args.out / 'trust.md')}")
+        return 0
     result = synthetic.evaluate_world(
         predictor,
         args.out,

@@ -432,6 +432,7 @@ def phrase_record(
         "predicted": [list(b) for b in predicted],
         "ious": {str(k): v for k, v in ious.items()},
         "decoded": bool(predicted),
+        "score_first": (prediction.scores_for(phrase) or [None])[0],
     }
 
 
@@ -541,6 +542,19 @@ def write_grounding_report(
     out_dir: Path, result: dict[str, Any], records: Sequence[dict], samples: int, load: Any = None
 ) -> None:
     """metrics.json, records.jsonl, report.md, the plots and the sample sheet of a phrase-grounding run."""
+    by_split: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_split[r["split"]].append(r)
+    # per split: the first box and its score (None: unscored) past one IoU threshold
+    result["past_threshold"] = {
+        split: metrics.threshold_metrics(
+            [r["ious"]["1"] for r in rs],
+            [r.get("score_first") for r in rs],
+            [r["predicted"][0] if r["predicted"] else None for r in rs],
+            [r["truth"] for r in rs],
+        )
+        for split, rs in by_split.items()
+    }
     report.write_json(out_dir / "metrics.json", result)
     report.write_jsonl(out_dir / "records.jsonl", records)
     md = [
@@ -623,6 +637,10 @@ def write_grounding_report(
             report.image_link(sheet, out_dir, "samples"),
             "",
         ]
+    for split, summary in result["past_threshold"].items():
+        md += report.threshold_section(
+            summary, out_dir, f"threshold_{report.slug(split)}", f"Phrase grounding {split}, first box"
+        )
     atomic_write_text(out_dir / "report.md", "\n".join(md))
 
 

@@ -31,6 +31,8 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any
 
 from kosmos2.grounding import iou
 
@@ -255,3 +257,183 @@ def precision_recall(counts: Iterable[PairCounts]) -> dict[str, float | int]:
         "predicted": predicted,
         "true": true,
     }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Past one threshold: accuracy over IoU thresholds, AP with the scores, the pointing game, calibration, AUROC
+#
+# Each query contributes its answer box's IoU with the truth (0 when it has none) and, where the model gave
+# one, that box's score (kosmos2.predictor.EntityResult.scores). A query without a box is a miss at every
+# threshold and takes no place in a ranking.
+
+IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.50, 0.55, ..., 0.95 (COCO)
+CALIBRATION_BINS = 10
+
+
+def accuracy_over_thresholds(
+    ious: Sequence[float], thresholds: Sequence[float] = IOU_THRESHOLDS
+) -> dict[str, float]:
+    """Acc@t for each threshold t (the share of queries with IoU ≥ t) and their mean, "mean" (COCO's
+    0.5:0.95 averaging applied to accuracy). Keys: "0.50", "0.55", ..., "mean"."""
+    n = len(ious)
+    out = {f"{t:.2f}": (sum(i >= t for i in ious) / n if n else 0.0) for t in thresholds}
+    out["mean"] = sum(out.values()) / len(thresholds) if thresholds else 0.0
+    return out
+
+
+def average_precision(
+    scores: Sequence[float | None], hits: Sequence[bool], total: int | None = None
+) -> float:
+    """AP of answers ranked by score: all-point interpolated area under the precision-recall curve.
+
+    scores[i], hits[i]: query i's answer score (None: no answer, left out of the ranking) and whether it is
+    right. total: the number of true objects to recall (default: the number of queries, one object each).
+    Ranks by score, highest first (ties keep the given order); precision at rank k = right answers among the
+    first k / k, recall = right answers among the first k / total; AP = Σ_k (r_k − r_{k−1}) · max_{j ≥ k} p_j.
+    """
+    if len(scores) != len(hits):
+        raise ValueError(f"average_precision: {len(scores)} scores but {len(hits)} hit flags")
+    total = len(scores) if total is None else total
+    ranked = sorted(
+        ((s, h) for s, h in zip(scores, hits, strict=True) if s is not None), key=lambda sh: -sh[0]
+    )
+    if not total or not ranked:
+        return 0.0
+    precisions, recalls, right = [], [], 0
+    for k, (_, hit) in enumerate(ranked, 1):
+        right += bool(hit)
+        precisions.append(right / k)
+        recalls.append(right / total)
+    for k in range(len(precisions) - 2, -1, -1):  # the envelope: best precision at this recall or beyond
+        precisions[k] = max(precisions[k], precisions[k + 1])
+    ap, previous = 0.0, 0.0
+    for p, r in zip(precisions, recalls, strict=True):
+        ap += (r - previous) * p
+        previous = r
+    return ap
+
+
+def ap_over_thresholds(
+    scores: Sequence[float | None], ious: Sequence[float], thresholds: Sequence[float] = IOU_THRESHOLDS
+) -> dict[str, float]:
+    """average_precision at each IoU threshold (a hit is IoU ≥ t) and their mean "mean" (COCO's AP)."""
+    out = {f"{t:.2f}": average_precision(scores, [i >= t for i in ious]) for t in thresholds}
+    out["mean"] = sum(out.values()) / len(thresholds) if thresholds else 0.0
+    return out
+
+
+def box_centre(box: Sequence[float]) -> tuple[float, float]:
+    return ((float(box[0]) + float(box[2])) / 2, (float(box[1]) + float(box[3])) / 2)
+
+
+def pointing_hit(predicted: Sequence[float] | None, truth: Sequence[Sequence[float]]) -> bool:
+    """The pointing game: the predicted box's centre lies inside (or on the border of) a true box."""
+    if predicted is None:
+        return False
+    x, y = box_centre(predicted)
+    return any(t[0] <= x <= t[2] and t[1] <= y <= t[3] for t in truth)
+
+
+def reliability(
+    confidences: Sequence[float], hits: Sequence[bool], bins: int = CALIBRATION_BINS
+) -> list[dict[str, float | int]]:
+    """Equal-width confidence bins over [0, 1] (the last closed): per bin its range, count, mean confidence
+    and accuracy (0 for an empty bin). Scores outside [0, 1] raise."""
+    if len(confidences) != len(hits):
+        raise ValueError(f"reliability: {len(confidences)} confidences but {len(hits)} hit flags")
+    rows: list[dict[str, float | int]] = []
+    groups: list[list[tuple[float, bool]]] = [[] for _ in range(bins)]
+    for c, h in zip(confidences, hits, strict=True):
+        if not 0.0 <= c <= 1.0:
+            raise ValueError(f"reliability: confidence {c!r} is outside [0, 1]")
+        groups[min(int(c * bins), bins - 1)].append((c, bool(h)))
+    for b, group in enumerate(groups):
+        n = len(group)
+        rows.append(
+            {
+                "low": b / bins,
+                "high": (b + 1) / bins,
+                "n": n,
+                "confidence": sum(c for c, _ in group) / n if n else 0.0,
+                "accuracy": sum(h for _, h in group) / n if n else 0.0,
+            }
+        )
+    return rows
+
+
+def expected_calibration_error(
+    confidences: Sequence[float], hits: Sequence[bool], bins: int = CALIBRATION_BINS
+) -> float:
+    """ECE = Σ_b (n_b / N) · |accuracy_b − mean confidence_b| over the `reliability` bins."""
+    n = len(confidences)
+    if n == 0:
+        return 0.0
+    return sum(
+        r["n"] / n * abs(r["accuracy"] - r["confidence"]) for r in reliability(confidences, hits, bins)
+    )
+
+
+def auroc(positives: Sequence[float], negatives: Sequence[float]) -> float:
+    """Area under the ROC curve: the chance that a random positive scores above a random negative (ties
+    count half). Mann–Whitney U / (n_pos · n_neg), by ranks in O(n log n)."""
+    if not positives or not negatives:
+        raise ValueError("auroc needs at least one positive and one negative score")
+    values = sorted([(float(s), 1) for s in positives] + [(float(s), 0) for s in negatives])
+    rank_sum, i = 0.0, 0
+    while i < len(values):
+        j = i
+        while j < len(values) and values[j][0] == values[i][0]:
+            j += 1
+        mid = (i + 1 + j) / 2  # average rank of the tie group (ranks from 1)
+        rank_sum += mid * sum(label for _, label in values[i:j])
+        i = j
+    p, q = len(positives), len(negatives)
+    return (rank_sum - p * (p + 1) / 2) / (p * q)
+
+
+def best_threshold(positives: Sequence[float], negatives: Sequence[float]) -> dict[str, float]:
+    """The threshold t (decide positive when score ≥ t) with the highest balanced accuracy
+    (TPR + TNR) / 2 on these scores, placed midway between the two scores it separates; with its TPR and
+    TNR. Fit it on a calibration split and measure it on another."""
+    if not positives or not negatives:
+        raise ValueError("best_threshold needs at least one positive and one negative score")
+    values = sorted(set(positives) | set(negatives))
+    cuts = [values[0] - 1.0] + [(a + b) / 2 for a, b in pairwise(values)] + [values[-1] + 1.0]
+    best: dict[str, float] = {}
+    for t in cuts:
+        tpr = sum(s >= t for s in positives) / len(positives)
+        tnr = sum(s < t for s in negatives) / len(negatives)
+        if not best or (tpr + tnr) / 2 > best["balanced_accuracy"]:
+            best = {"threshold": t, "tpr": tpr, "tnr": tnr, "balanced_accuracy": (tpr + tnr) / 2}
+    return best
+
+
+def _mean_flag(flags: Sequence[bool]) -> float:
+    return sum(bool(f) for f in flags) / len(flags) if flags else 0.0
+
+
+def threshold_metrics(
+    ious: Sequence[float],
+    scores: Sequence[float | None],
+    boxes: Sequence[Sequence[float] | None],
+    truths: Sequence[Sequence[Sequence[float]]],
+) -> dict[str, Any]:
+    """REC or phrase grounding past one threshold: Acc@0.5, accuracy over IoU 0.5:0.95, AP over those
+    thresholds ranked by the scores, the pointing game, and the scores' calibration against IoU ≥ 0.5
+    (reliability bins, ECE). Per query: its answer box's IoU, score (None: unscored), box (None: no
+    answer) and true boxes, all in one frame. AP and calibration only when some answer has a score."""
+    hits = [i >= IOU_THRESHOLD for i in ious]
+    scored = [(s, h) for s, h in zip(scores, hits, strict=True) if s is not None]
+    out: dict[str, Any] = {
+        "n": len(ious),
+        "accuracy": _mean_flag(hits),
+        "accuracy_by_iou": accuracy_over_thresholds(ious),
+        "pointing": _mean_flag([pointing_hit(b, t) for b, t in zip(boxes, truths, strict=True)]),
+        "scored": len(scored),
+    }
+    if scored:
+        out["ap_by_iou"] = ap_over_thresholds(scores, ious)
+        confidences, flags = [s for s, _ in scored], [h for _, h in scored]
+        out["ece"] = expected_calibration_error(confidences, flags)
+        out["reliability"] = reliability(confidences, flags)
+    return out

@@ -338,6 +338,7 @@ def rec_record(
         "correct_first": s.correct("first"),
         "correct_any": s.correct("any"),
         "correct_mean": s.correct("mean"),
+        "score_first": (prediction.scores_for(expression) or [None])[0],
     }
 
 
@@ -444,6 +445,7 @@ def write_rec_report(
     out_dir: Path, result: dict[str, Any], records: Sequence[dict], samples: int, load: Any = None
 ) -> None:
     """metrics.json, records.jsonl, report.md, the plots and the sample sheet of a REC run."""
+    result["past_threshold"] = past_threshold(records)
     report.write_json(out_dir / "metrics.json", result)
     report.write_jsonl(out_dir / "records.jsonl", records)
     rows = []
@@ -518,8 +520,35 @@ def write_rec_report(
         "",
         report.image_link(sheet, out_dir, "samples") if sheet else "",
         "",
+        *(
+            line
+            for dataset, splits in result["past_threshold"].items()
+            for split, summary in splits.items()
+            for line in report.threshold_section(
+                summary,
+                out_dir,
+                f"threshold_{report.slug(dataset, split)}",
+                f"REC {dataset} {split}, first box",
+            )
+        ),
     ]
     atomic_write_text(out_dir / "report.md", "\n".join(md))
+
+
+def past_threshold(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{dataset: {split: metrics.threshold_metrics}} of the first box and its score (None: unscored)."""
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[(r["dataset"], r["split"])].append(r)
+    out: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for (dataset, split), rs in groups.items():
+        out[dataset][split] = metrics.threshold_metrics(
+            [r["iou_first"] for r in rs],
+            [r.get("score_first") for r in rs],
+            [r["predicted"][0] if r["predicted"] else None for r in rs],
+            [r["truth"] for r in rs],
+        )
+    return dict(out)
 
 
 def rec_verdict(record: Mapping[str, Any], where: str = "") -> str:

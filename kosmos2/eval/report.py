@@ -235,3 +235,113 @@ def image_link(path: Path | None, out_dir: Path, alt: str) -> str:
     if path is None:
         return f"*{alt}: not drawn (matplotlib is not installed; `pip install 'kosmos2[eval]'`)*"
     return f"![{alt}]({path.relative_to(out_dir).as_posix()})"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Past one threshold: accuracy against the IoU threshold, AP, the pointing game, calibration
+
+
+def accuracy_vs_iou_plot(
+    by_iou: Mapping[str, float],
+    path: str | os.PathLike,
+    title: str,
+    ap_by_iou: Mapping[str, float] | None = None,
+) -> Path | None:
+    """Accuracy (and AP, when given) against the IoU threshold; the dicts of metrics.accuracy_over_thresholds
+    / ap_over_thresholds. None without matplotlib."""
+    if not have_matplotlib():
+        return None
+    thresholds = [k for k in by_iou if k != "mean"]
+    xs = [float(k) for k in thresholds]
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.plot(
+        xs,
+        [100 * by_iou[k] for k in thresholds],
+        marker="o",
+        label=f"accuracy (mean {100 * by_iou['mean']:.1f})",
+    )
+    if ap_by_iou:
+        ax.plot(
+            xs,
+            [100 * ap_by_iou[k] for k in thresholds],
+            marker="s",
+            label=f"AP (mean {100 * ap_by_iou['mean']:.1f})",
+        )
+    ax.set_xlim(min(xs) - 0.02, max(xs) + 0.02)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("IoU threshold")
+    ax.set_ylabel("percent")
+    ax.set_title(title)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"))
+
+
+def reliability_plot(
+    bins: Sequence[Mapping[str, float]], path: str | os.PathLike, title: str, ece: float
+) -> Path | None:
+    """The reliability diagram of metrics.reliability's bins: accuracy per confidence bin against the
+    diagonal, bar widths the bins, counts on top. None without matplotlib."""
+    if not have_matplotlib():
+        return None
+    fig = _figure(4.8, 4.2)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="#888888", linestyle="--", linewidth=1, label="perfect calibration")
+    for b in bins:
+        if b["n"]:
+            ax.bar(
+                b["low"],
+                b["accuracy"],
+                width=b["high"] - b["low"],
+                align="edge",
+                color="#4878b0",
+                edgecolor="white",
+            )
+            ax.text((b["low"] + b["high"]) / 2, b["accuracy"] + 0.01, str(b["n"]), ha="center", fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.08)
+    ax.set_xlabel("score (confidence)")
+    ax.set_ylabel("accuracy (IoU ≥ 0.5)")
+    ax.set_title(f"{title}\nECE {ece:.3f}", fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"))
+
+
+def threshold_section(summary: Mapping[str, Any], out_dir: Path, stem: str, title: str) -> list[str]:
+    """Markdown lines (and plots OUT/<stem>_iou.png, OUT/<stem>_reliability.png) for the metrics of
+    kosmos2.eval.synthetic.rec_trust_metrics: accuracy and AP per IoU threshold, pointing game, ECE."""
+    by_iou, ap = summary["accuracy_by_iou"], summary.get("ap_by_iou")
+    thresholds = [k for k in by_iou if k != "mean"]
+    rows = [["accuracy", *(f"{100 * by_iou[k]:.1f}" for k in thresholds), f"{100 * by_iou['mean']:.1f}"]]
+    if ap:
+        rows.append(["AP (by score)", *(f"{100 * ap[k]:.1f}" for k in thresholds), f"{100 * ap['mean']:.1f}"])
+    md = [
+        f"### {title}: past one IoU threshold",
+        "",
+        markdown_table(["IoU ≥", *thresholds, "0.5:0.95"], rows),
+        "",
+        f"Pointing game (the answer box's centre inside a true box): {100 * summary['pointing']:.1f} % of "
+        f"{summary['n']}. ",
+    ]
+    plot = accuracy_vs_iou_plot(
+        by_iou, out_dir / f"{stem}_iou.png", f"{title}: accuracy vs IoU threshold", ap
+    )
+    md += ["", image_link(plot, out_dir, f"{title}, accuracy against the IoU threshold"), ""]
+    if ap:
+        md += [
+            f"Calibration of the answer's score against IoU ≥ 0.5 ({summary['scored']} scored answers, "
+            f"{len(summary['reliability'])} equal bins): ECE {summary['ece']:.3f}.",
+            "",
+        ]
+        rel = reliability_plot(
+            summary["reliability"], out_dir / f"{stem}_reliability.png", title, summary["ece"]
+        )
+        md += [image_link(rel, out_dir, f"{title}, reliability diagram"), ""]
+    else:
+        md += [
+            "No scores in these predictions (a cache written before scores existed): no AP and no ECE.",
+            "",
+        ]
+    return md

@@ -65,6 +65,19 @@ class Prediction:
     text: str  # the generated continuation, markup kept
     caption: str  # prompt + continuation without markup
     entities: tuple[tuple[str, tuple[Box, ...]], ...]  # (phrase, normalised boxes) in generated order
+    # per entity, per box: the box's score (kosmos2.predictor.EntityResult.scores); None when the predictor
+    # gave none (or the cache line predates scores)
+    scores: tuple[tuple[float | None, ...], ...] | None = None
+
+    def scores_for(self, phrase: str) -> list[float | None]:
+        """The scores of `boxes_for(phrase)`, aligned with it (None where there is no score)."""
+        wanted = " ".join(phrase.split())
+        out: list[float | None] = []
+        for i, (name, boxes) in enumerate(self.entities):
+            if " ".join(name.split()) == wanted:
+                own = self.scores[i] if self.scores is not None and i < len(self.scores) else ()
+                out += [own[j] if j < len(own) else None for j in range(len(boxes))]
+        return out
 
     def boxes_for(self, phrase: str) -> list[Box]:
         """Normalised boxes of every entity whose phrase is `phrase`, in generated order.
@@ -88,7 +101,11 @@ class Prediction:
         return {
             "text": self.text,
             "caption": self.caption,
-            "entities": [{"phrase": p, "boxes": [list(b) for b in boxes]} for p, boxes in self.entities],
+            "entities": [
+                {"phrase": p, "boxes": [list(b) for b in boxes]}
+                | ({"scores": list(self.scores[i])} if self.scores is not None else {})
+                for i, (p, boxes) in enumerate(self.entities)
+            ],
         }
 
     @classmethod
@@ -97,7 +114,12 @@ class Prediction:
             (str(e["phrase"]), tuple(tuple(float(v) for v in b) for b in e["boxes"]))
             for e in record["entities"]
         )
-        return cls(str(record["text"]), str(record["caption"]), entities)  # type: ignore[arg-type]
+        scores = None
+        if record["entities"] and all("scores" in e for e in record["entities"]):
+            scores = tuple(
+                tuple(None if v is None else float(v) for v in e["scores"]) for e in record["entities"]
+            )
+        return cls(str(record["text"]), str(record["caption"]), entities, scores)  # type: ignore[arg-type]
 
 
 def prediction_from_result(result: Any) -> Prediction:
@@ -111,7 +133,10 @@ def prediction_from_result(result: Any) -> Prediction:
     entities = tuple(
         (str(e.phrase), tuple(tuple(float(v) for v in b) for b in e.boxes)) for e in result.entities
     )
-    return Prediction(str(result.text), str(result.caption), entities)  # type: ignore[arg-type]
+    scores = None
+    if result.entities and all(len(getattr(e, "scores", ()) or ()) == len(e.boxes) for e in result.entities):
+        scores = tuple(tuple(None if v is None else float(v) for v in e.scores) for e in result.entities)
+    return Prediction(str(result.text), str(result.caption), entities, scores)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -492,6 +492,7 @@ def summarize_task(task: str, records: Sequence[Mapping[str, Any]]) -> dict[str,
             "no_box": sum(not s.decoded for s in scores),
             "mean_iou": sum(s.iou_first for s in scores) / n if n else 0.0,
             "by_form": _by(records, "form"),
+            "past_threshold": _past_threshold(records, [r["iou_first"] for r in records]),
         }
     if task == "phrase_grounding":
         pr = metrics.precision_recall(
@@ -510,6 +511,7 @@ def summarize_task(task: str, records: Sequence[Mapping[str, Any]]) -> dict[str,
                 [r["pairs_matched"] == r["pairs_predicted"] == r["pairs_true"] for r in records]
             ),
             "no_box": sum(not r["decoded"] for r in records),
+            "past_threshold": _past_threshold(records, [r["ious"]["1"] for r in records]),
         }
     if task == "grounded_caption":
 
@@ -544,6 +546,16 @@ def summarize_task(task: str, records: Sequence[Mapping[str, Any]]) -> dict[str,
             "mistakes": {part: sum(part in m for m in missed) for part in (*REG_PARTS, "form")},
         }
     return {"n": n, "exact_match": _share([r["correct"] for r in records])}  # caption
+
+
+def _past_threshold(records: Sequence[Mapping[str, Any]], ious: Sequence[float]) -> dict[str, Any]:
+    """metrics.threshold_metrics of REC or phrase-grounding records (the first box and its score)."""
+    return metrics.threshold_metrics(
+        ious,
+        [r.get("score_first") for r in records],
+        [r["predicted"][0] if r["predicted"] else None for r in records],
+        [r["truth"] for r in records],
+    )
 
 
 def summarize_world(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -736,6 +748,14 @@ def write_world_report(
                     ),
                     "",
                 ]
+        for task, stem in (("rec", "rec"), ("phrase_grounding", "grounding")):
+            if task in by_task and "past_threshold" in by_task[task]:
+                md += report.threshold_section(
+                    by_task[task]["past_threshold"],
+                    out_dir,
+                    f"{stem}_{split}",
+                    f"{TASK_NAMES[task]} ({split})",
+                )
         ious = [r["iou_first"] for r in records if r["split"] == split and r["task"] == "rec"]
         if ious:
             hist = report.iou_histogram(
@@ -836,3 +856,226 @@ def _render_record(key: tuple[str, int]) -> Image.Image:
 
     split, scene_id = key
     return render(make_scene(scene_id, split))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Trust: found / not found and "which one?" (Predictor.locate's decisions), calibrated on one split and
+# measured on another
+
+TRUST_TASKS = ("rec", "rec_absent", "rec_ambiguous")
+TRUST_SPLITS = ("calibration", "test")  # thresholds are fitted on the first and measured on the second
+
+
+def trust_records(
+    predictor: Any,
+    split: str,
+    n_per_task: int,
+    *,
+    cache: str | os.PathLike | None = None,
+    model_id: str = "",
+    batch_size: int = 16,
+    generation: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """`predictor.locate` (with 2 candidates) on the ordinary, absent and ambiguous REC queries of `split`
+    (`make_eval_set(split, n_per_task, TRUST_TASKS)`); one record a query. With `cache` (a JSON Lines
+    file), records already there for this model and split are reused and new ones appended per batch, so
+    an interrupted run resumes."""
+    from kosmos2.data import synthetic as world
+
+    generation = dict(GENERATION if generation is None else generation)
+    samples = world.make_eval_set(split, n_per_task, tasks=TRUST_TASKS)
+    counters = dict.fromkeys(TRUST_TASKS, 0)
+    keyed = []
+    for s in samples:
+        keyed.append((f"{split}/{s['task']}/{counters[s['task']]}/{s['scene_id']:016x}", s))
+        counters[s["task"]] += 1
+    done: dict[str, dict[str, Any]] = {}
+    path = Path(cache) if cache is not None else None
+    if path is not None and path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a torn last line
+            if row.get("model") == model_id and row.get("generation") == generation:
+                done[row["id"]] = row
+    todo = [(k, s) for k, s in keyed if k not in done]
+    bar = _trust_progress(len(keyed), len(keyed) - len(todo), progress)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        images = [_render(s["scene"]) for _, s in chunk]
+        results = predictor.locate(images, [s["expression"] for _, s in chunk], candidates=2, **generation)
+        rows = [
+            _trust_record(k, s, r, model_id, generation) for (k, s), r in zip(chunk, results, strict=True)
+        ]
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+                f.flush()
+        done.update((row["id"], row) for row in rows)
+        bar(len(chunk))
+    bar(0, close=True)
+    return [done[k] for k, _ in keyed]
+
+
+def _trust_progress(total: int, initial: int, enabled: bool) -> Any:
+    import sys
+
+    state = {"n": initial}
+
+    def update(n: int, close: bool = False) -> None:
+        state["n"] += n
+        if enabled:
+            print(f"\rtrust: {state['n']}/{total} queries", end="\n" if close else "", file=sys.stderr)
+
+    return update
+
+
+def _trust_record(
+    key: str, s: Mapping[str, Any], r: Any, model_id: str, generation: Mapping[str, Any]
+) -> dict[str, Any]:
+    from kosmos2.grounding import iou
+
+    truth = [list(b) for b in s["boxes"]]
+    box = r.box
+    candidates = [list(c.box) for c in r.candidates]
+    score = None
+    for e in r.entities:
+        if e.boxes and box is not None and e.boxes[0] == box:
+            score = e.scores[0] if e.scores else None
+            break
+    return {
+        "id": key,
+        "model": model_id,
+        "generation": dict(generation),
+        "split": s["split"],
+        "task": s["task"],
+        "form": s.get("form"),
+        "expression": s["expression"],
+        "truth": truth,
+        "box": None if box is None else list(box),
+        "score": score,
+        "iou": max((iou(box, t) for t in truth), default=0.0) if box is not None else 0.0,
+        "found_score": r.found_score,
+        "ambiguity_score": r.ambiguity_score,
+        "found": r.found,
+        "ambiguous": r.ambiguous,
+        "candidates": candidates,
+        # ambiguous queries: both true objects among the first two candidates (IoU ≥ 0.5 each)
+        "covered": (
+            all(any(iou(c, t) >= metrics.IOU_THRESHOLD for c in candidates[:2]) for t in truth)
+            if s["task"] == "rec_ambiguous"
+            else None
+        ),
+    }
+
+
+def summarize_trust(
+    calibration: Sequence[Mapping[str, Any]], test: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Thresholds fitted on `calibration` (metrics.best_threshold), everything measured on `test`.
+
+    found: positives are the expressions that fit something (ordinary and ambiguous queries), negatives the
+    absent ones; the headline AUROC is ordinary vs absent. ambiguous: positives the ambiguous queries,
+    negatives the ordinary ones. Also the ordinary queries' REC numbers past one threshold.
+    """
+
+    def scores(rows: Sequence[Mapping[str, Any]], task: str, key: str) -> list[float]:
+        return [float(r[key]) for r in rows if r["task"] == task]
+
+    cal_found = metrics.best_threshold(
+        scores(calibration, "rec", "found_score") + scores(calibration, "rec_ambiguous", "found_score"),
+        scores(calibration, "rec_absent", "found_score"),
+    )
+    cal_amb = metrics.best_threshold(
+        scores(calibration, "rec_ambiguous", "ambiguity_score"),
+        scores(calibration, "rec", "ambiguity_score"),
+    )
+    present, absent = scores(test, "rec", "found_score"), scores(test, "rec_absent", "found_score")
+    ambiguous_found = scores(test, "rec_ambiguous", "found_score")
+    amb, plain = scores(test, "rec_ambiguous", "ambiguity_score"), scores(test, "rec", "ambiguity_score")
+    t_found, t_amb = cal_found["threshold"], cal_amb["threshold"]
+    rec = [r for r in test if r["task"] == "rec"]
+    covered = [bool(r["covered"]) for r in test if r["task"] == "rec_ambiguous"]
+    return {
+        "thresholds": {"found": cal_found, "ambiguous": cal_amb},
+        "found": {
+            "auroc": metrics.auroc(present, absent),
+            "auroc_with_ambiguous": metrics.auroc(present + ambiguous_found, absent),
+            "present_found": _share([s >= t_found for s in present + ambiguous_found]),
+            "absent_rejected": _share([s < t_found for s in absent]),
+            "n_present": len(present),
+            "n_ambiguous": len(ambiguous_found),
+            "n_absent": len(absent),
+        },
+        "ambiguous": {
+            "auroc": metrics.auroc(amb, plain),
+            "ambiguous_flagged": _share([s >= t_amb for s in amb]),
+            "ordinary_flagged": _share([s >= t_amb for s in plain]),
+            "top2_cover_both": _share(covered),
+            "n": len(amb),
+        },
+        "rec": metrics.threshold_metrics(
+            [r["iou"] for r in rec],
+            [r["score"] for r in rec],
+            [r["box"] for r in rec],
+            [r["truth"] for r in rec],
+        ),
+    }
+
+
+def evaluate_trust(
+    predictor: Any,
+    out_dir: str | os.PathLike,
+    *,
+    model_id: str,
+    n_per_task: int = MIN_QUERIES,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Calibrate `locate`'s thresholds on the calibration split and measure them on the test split; write
+    OUT/trust.json, OUT/trust.md and the plots; the records go to OUT/trust_records.jsonl (the resume
+    cache)."""
+    out_dir = Path(out_dir)
+    cache = out_dir / "trust_records.jsonl"
+    common = dict(cache=cache, model_id=model_id, batch_size=batch_size, progress=progress)
+    calibration = trust_records(predictor, TRUST_SPLITS[0], n_per_task, **common)
+    test = trust_records(predictor, TRUST_SPLITS[1], n_per_task, **common)
+    result = {"model": model_id, "n_per_task": n_per_task, **summarize_trust(calibration, test)}
+    report.write_json(out_dir / "trust.json", result)
+    md = ["# Trust: found, ambiguous, and REC past one threshold", ""]
+    md += trust_markdown(result)
+    md += report.threshold_section(result["rec"], out_dir, "rec_trust", "REC (test split, ordinary queries)")
+    atomic_write_text(out_dir / "trust.md", "\n".join(md) + "\n")
+    return result
+
+
+def trust_markdown(result: Mapping[str, Any]) -> list[str]:
+    f, a, t = result["found"], result["ambiguous"], result["thresholds"]
+    return [
+        f"Thresholds fitted on the calibration split (best balanced accuracy): found when found_score ≥ "
+        f"{t['found']['threshold']:.4f}; ambiguous when ambiguity_score ≥ {t['ambiguous']['threshold']:.4f}. "
+        "Measured on the test split:",
+        "",
+        report.markdown_table(
+            ["measure", "value", "n"],
+            [
+                ["found AUROC, ordinary vs absent", _f3(f["auroc"]), f"{f['n_present']} / {f['n_absent']}"],
+                ["found AUROC, ordinary + ambiguous vs absent", _f3(f["auroc_with_ambiguous"]), ""],
+                ["present expressions found", _f3(f["present_found"]), f["n_present"] + f["n_ambiguous"]],
+                ["absent expressions rejected", _f3(f["absent_rejected"]), f["n_absent"]],
+                ["ambiguity AUROC, ambiguous vs ordinary", _f3(a["auroc"]), a["n"]],
+                ["ambiguous queries flagged", _f3(a["ambiguous_flagged"]), a["n"]],
+                ["ordinary queries flagged", _f3(a["ordinary_flagged"]), f["n_present"]],
+                ["top-2 candidates cover both objects", _f3(a["top2_cover_both"]), a["n"]],
+                [
+                    "REC Acc@0.5 (ordinary queries, via locate)",
+                    _f3(result["rec"]["accuracy"]),
+                    result["rec"]["n"],
+                ],
+            ],
+        ),
+        "",
+    ]
