@@ -372,16 +372,19 @@ class Predictor:
     def from_pretrained(
         cls,
         path: str | os.PathLike[str] | None = None,
-        dtype: torch.dtype | str = torch.float32,
+        dtype: torch.dtype | str | None = None,
         device: torch.device | str = "cpu",
         batch_size: int = 8,
     ) -> Predictor:
         """Load a Hugging Face-layout checkpoint directory (weights, config and tokenizer files).
 
         path None: $KOSMOS2_MODEL if set, else the built-in default model shipped with the package.
-        dtype: torch.float32 or torch.bfloat16 (or their names "float32" / "bfloat16").
+        dtype: "float32", "bfloat16" (prepacked linear layers) or "int8" (weight-only, per-channel scales;
+        an int8 checkpoint loads as saved, a float one is quantised on load), or torch.float32 /
+        torch.bfloat16; None: float32, or int8 for an int8 checkpoint (`kosmos2.quantize`).
         """
-        from kosmos2.checkpoint import load_pretrained
+        from kosmos2.checkpoint import load_pretrained, quantization_config
+        from kosmos2.quantize import dtype_name, prepare_model
         from kosmos2.tokenizer import Kosmos2Tokenizer
 
         directory = Path(path) if path is not None else default_model_dir()
@@ -406,13 +409,12 @@ class Predictor:
             what = "is a file, not a directory" if directory.exists() else "does not exist"
             raise FileNotFoundError(f"model directory {str(directory)!r} {what}: {hint}")
         _check_device(device)
-        if isinstance(dtype, str):
-            names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16}
-            names["bf16"] = torch.bfloat16
-            if dtype not in names:
-                raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(names)}")
-            dtype = names[dtype]
-        model = load_pretrained(directory, dtype=dtype, device=device)
+        stored = "int8" if quantization_config(directory) is not None else "float32"
+        name = dtype_name(dtype) or stored
+        if stored == "int8" and name != "int8":
+            raise ValueError(f"{directory} is an int8 checkpoint: load it with dtype='int8', not {name!r}")
+        load_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": None}[name]
+        model = prepare_model(load_pretrained(directory, dtype=load_dtype, device=device), name)
         tokenizer = Kosmos2Tokenizer.from_pretrained(directory)
         if tokenizer.vocab_size > model.config.text.vocab_size:
             raise ValueError(
