@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from kosmos2.runtime import add_runtime_arguments, set_threads
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -17,9 +19,8 @@ def register(subparsers) -> None:
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)"
     )
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype")
+    add_runtime_arguments(p)  # --dtype float32|bfloat16|int8, --threads N (as ground and eval)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting before 503s (default 64)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ routes")
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     from kosmos2.server.inputs import Limits
 
-    for name in ("max_batch", "max_new_tokens", "max_image_pixels", "threads"):
+    for name in ("max_batch", "max_new_tokens", "max_image_pixels"):
         value = getattr(args, name)
         if value is not None and value < 1:
             print(f"kosmos2 serve: --{name.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)
@@ -56,12 +57,10 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    import torch
 
     from kosmos2.predictor import Predictor, default_model_dir
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     try:
         predictor = Predictor.from_pretrained(args.model, dtype=args.dtype, device=args.device)
     except (OSError, ValueError) as e:
