@@ -175,7 +175,8 @@ def load_predictor(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.full_size_random:
-        return Predictor.from_pretrained(args.model), "default model" if args.model is None else args.model
+        name = "default model" if args.model is None else args.model
+        return Predictor.from_pretrained(args.model, dtype=args.dtype), f"{name} ({args.dtype or 'float32'})"
     from kosmos2.config import Kosmos2Config
     from kosmos2.model import Kosmos2
     from kosmos2.predictor import generation_defaults
@@ -189,8 +190,12 @@ def load_predictor(args):
     torch.manual_seed(0)
     model = Kosmos2(config).eval()
     n = sum(p.numel() for p in model.parameters())
+    if args.dtype:
+        from kosmos2.quantize import prepare_model
+
+        model = prepare_model(model, args.dtype)
     return Predictor(model, tokenizer, generation_defaults(default_model_dir(), tokenizer)), (
-        f"full-size architecture, random weights ({n / 1e9:.2f} B parameters)"
+        f"full-size architecture, random weights ({n / 1e9:.2f} B parameters, {args.dtype or 'float32'})"
     )
 
 
@@ -214,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--rounds", type=int, default=1, help="repeat both arms, alternating their order")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "int8"], default=None, help="as kosmos2 serve")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
