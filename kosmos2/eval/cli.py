@@ -13,7 +13,6 @@ import argparse
 import hashlib
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -262,8 +261,10 @@ def _recall_line(a: dict[str, Any]) -> str:
 
 
 def _fail(message: str) -> int:
-    print(f"kosmos2 eval: error: {message}", file=sys.stderr)
-    return 2
+    """A usage error: kosmos2.cli prints it as `kosmos2 eval <benchmark>: <message>` and exits with 2."""
+    from kosmos2.errors import UsageError
+
+    raise UsageError(message)
 
 
 # ------------------------------------------------------------------------------------------------------------
