@@ -263,6 +263,89 @@ class ZoomResult:
     result: Any
 
 
+@dataclass
+class StreamEvent:
+    """One event of `Predictor.stream` (and of the server's streams, which use the same `StreamDecoder`).
+
+    kind "text":   `text` is the next readable piece of the caption (markup removed). Joined in order, the
+                   pieces equal the final `result.caption`; the first is the prompt's own text, if any.
+    kind "entity": `entity` has just closed (its `</object>` arrived); its span indexes the caption, whose
+                   text up to the span's end has already been sent.
+    kind "done":   the last event; `result` is the whole `GroundingResult`, equal to what `ground` returns.
+    """
+
+    kind: str
+    text: str = ""
+    entity: EntityResult | None = None
+    result: GroundingResult | None = None
+
+    def __str__(self) -> str:  # `print(event, end="")` prints the readable text
+        return self.text
+
+
+class StreamDecoder:
+    """Generated token ids in, `StreamEvent`s out: `start()`, then `feed(id, logprob)` per token (without
+    `</s>`), then `finish()`. Each step re-parses prompt + continuation with `grounding.parse`, so the pieces
+    and entities are exactly those of the final result. Given every token's log-probability (the model's
+    plain distribution, as `token_logprobs`), entities carry their scores as they close; otherwise the
+    scores come with the "done" result."""
+
+    def __init__(self, predictor: Predictor, prompt: str, size: tuple[int, int]):
+        self.predictor, self.prompt, self.size = predictor, prompt, size
+        self.ids: list[int] = []
+        self.logprobs: list[float] = []
+        self._prompt_ids = predictor.tokenizer.encode(prompt.strip())
+        prompt_parsed = grounding.parse(predictor.tokenizer.decode(self._prompt_ids))
+        self._prompt_boxes = sum(len(e.boxes) for e in prompt_parsed.entities)
+        self._sent = ""  # caption text sent so far
+        self._entities = 0  # entities sent so far
+
+    def start(self) -> list[StreamEvent]:
+        """The prompt's readable text (and any entity the prompt closes by itself)."""
+        return self._events()
+
+    def feed(self, token_id: int, logprob: float | None = None) -> list[StreamEvent]:
+        self.ids.append(int(token_id))
+        if logprob is not None:
+            self.logprobs.append(float(logprob))
+        return self._events()
+
+    def finish(self, logprobs: list[float] | None = None) -> list[StreamEvent]:
+        """What is left (held-back text) and the "done" event with the whole result (scored with
+        `logprobs`, else with those fed, when the predictor scores)."""
+        if logprobs is not None:
+            self.logprobs = list(logprobs)
+        result = self.predictor._result(self.prompt, self.ids, self.size, self._scored())
+        events = self._events(final=True)
+        return [*events, StreamEvent("done", result=result)]
+
+    def _scored(self) -> list[float] | None:
+        complete = len(self.logprobs) == len(self.ids)
+        return self.logprobs if self.predictor.scores and complete else None
+
+    def _events(self, final: bool = False) -> list[StreamEvent]:
+        text = self.predictor.tokenizer.decode(self._prompt_ids + self.ids)
+        if text.endswith("\ufffd") and not final:  # wait for a whole UTF-8 character
+            return []
+        parsed = grounding.parse(text)
+        events = []
+        if parsed.caption.startswith(self._sent) and len(parsed.caption) > len(self._sent):
+            events.append(StreamEvent("text", text=parsed.caption[len(self._sent) :]))
+            self._sent = parsed.caption
+        if len(parsed.entities) > self._entities:
+            W, H = self.size
+            entities = [
+                EntityResult(e.phrase, e.span, e.boxes, [grounding.box_to_pixels(b, W, H) for b in e.boxes])
+                for e in parsed.entities
+            ]
+            scored = self._scored()
+            if scored is not None and self.ids:
+                self.predictor._attach_scores(entities, self._prompt_boxes, self.ids, scored)
+            events += [StreamEvent("entity", entity=e) for e in entities[self._entities :]]
+            self._entities = len(entities)
+        return events
+
+
 def _as_list(x: Any) -> tuple[list[Any], bool]:
     if isinstance(x, (list, tuple)) and not (
         len(x) == 4 and all(isinstance(v, (int, float)) for v in x)  # a box, not a batch
@@ -307,16 +390,19 @@ class Predictor:
     def from_pretrained(
         cls,
         path: str | os.PathLike[str] | None = None,
-        dtype: torch.dtype | str = torch.float32,
+        dtype: torch.dtype | str | None = None,
         device: torch.device | str = "cpu",
         batch_size: int = 8,
     ) -> Predictor:
         """Load a Hugging Face-layout checkpoint directory (weights, config and tokenizer files).
 
         path None: $KOSMOS2_MODEL if set, else the built-in default model shipped with the package.
-        dtype: torch.float32 or torch.bfloat16 (or their names "float32" / "bfloat16").
+        dtype: "float32", "bfloat16" (prepacked linear layers) or "int8" (weight-only, per-channel scales;
+        an int8 checkpoint loads as saved, a float one is quantised on load), or torch.float32 /
+        torch.bfloat16; None: float32, or int8 for an int8 checkpoint (`kosmos2.quantize`).
         """
-        from kosmos2.checkpoint import load_pretrained
+        from kosmos2.checkpoint import load_pretrained, quantization_config
+        from kosmos2.quantize import dtype_name, prepare_model
         from kosmos2.tokenizer import Kosmos2Tokenizer
 
         directory = Path(path) if path is not None else default_model_dir()
@@ -341,13 +427,12 @@ class Predictor:
             what = "is a file, not a directory" if directory.exists() else "does not exist"
             raise FileNotFoundError(f"model directory {str(directory)!r} {what}: {hint}")
         _check_device(device)
-        if isinstance(dtype, str):
-            names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16}
-            names["bf16"] = torch.bfloat16
-            if dtype not in names:
-                raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(names)}")
-            dtype = names[dtype]
-        model = load_pretrained(directory, dtype=dtype, device=device)
+        stored = "int8" if quantization_config(directory) is not None else "float32"
+        name = dtype_name(dtype) or stored
+        if stored == "int8" and name != "int8":
+            raise ValueError(f"{directory} is an int8 checkpoint: load it with dtype='int8', not {name!r}")
+        load_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": None}[name]
+        model = prepare_model(load_pretrained(directory, dtype=load_dtype, device=device), name)
         tokenizer = Kosmos2Tokenizer.from_pretrained(directory)
         if tokenizer.vocab_size > model.config.text.vocab_size:
             raise ValueError(
@@ -540,24 +625,36 @@ class Predictor:
         index = [order[id(im)] for im in images]
         return embeds[index], [sizes[i] for i in index]
 
-    def stream(self, image: Any, prompt: str = PROMPT_BRIEF, **options: Any) -> Iterator[str]:
-        """Yield the continuation's text piece by piece as it is generated (greedy or sampling)."""
+    def stream(self, image: Any, prompt: str = PROMPT_BRIEF, **options: Any) -> Iterator[StreamEvent]:
+        """Generate for one image, yielding `StreamEvent`s as the text grows (greedy or sampling).
+
+        "text" events carry readable pieces (markup removed) whose concatenation is the result's caption (the
+        first piece is the prompt's own text, if it has any); an "entity" event comes when a phrase's
+        `</object>` arrives (its scores come with the result); the last event, "done", carries the whole
+        `GroundingResult`, equal to what `ground` gives:
+
+            for event in p.stream("photo.jpg"):
+                print(event.text, end="", flush=True)
+        """
+        grounding.check_prompt(prompt, self.grid, self.tokenizer.token_to_id)
         cfg = self._options({}, options)
-        embeds, _ = self.encode_images([image])
-        batch = {k: v.to(self.device) for k, v in self.tokenizer.batch_encode([prompt]).items()}
-        ids: list[int] = []
-        sent = ""
+        embeds, sizes = self.encode_images([image])
+        batch = self.tokenizer.batch_encode([prompt], num_image_tokens=self.num_image_tokens)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        decoder = StreamDecoder(self, prompt, sizes[0])
+        yield from decoder.start()
         for tokens, _finished in stream(
             self.model, batch["input_ids"], batch["attention_mask"], embeds, batch["image_mask"], cfg
         ):
             t = int(tokens[0])
             if t == cfg.eos_token_id:
                 break
-            ids.append(t)
-            text = self.tokenizer.decode(ids)
-            if len(text) > len(sent) and not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
-                yield text[len(sent) :]
-                sent = text
+            yield from decoder.feed(t)
+        logprobs = None
+        if self.scores:  # the same teacher-forced pass as `ground`: the done result equals its result
+            args = (batch["input_ids"], batch["attention_mask"], embeds, batch["image_mask"], [decoder.ids])
+            logprobs = token_logprobs(self.model, *args)[0]
+        yield from decoder.finish(logprobs)
 
     @torch.no_grad()
     def logits(self, image: Any, text: str) -> torch.Tensor:
