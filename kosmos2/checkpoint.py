@@ -283,14 +283,39 @@ def _open_weights(directory: Path) -> tuple[dict[str, tuple[int, ...]], dict[str
     )
 
 
+def quantization_config(directory: str | Path) -> dict | None:
+    """The `quantization_config` of a checkpoint directory's config.json (an int8 checkpoint written by
+    `save_pretrained`, layout in `kosmos2.quantize`), or None for a float checkpoint."""
+    path = Path(directory) / CONFIG_NAME
+    try:
+        quant = json.loads(path.read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None  # Kosmos2Config.from_json_file reports a missing or broken config.json
+    if quant is None:
+        return None
+    from kosmos2.quantize import QUANT_METHOD
+
+    if not isinstance(quant, dict) or quant.get("quant_method") != QUANT_METHOD:
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        raise ValueError(
+            f"{path}: quantization_config {method!r} is not supported; kosmos2 loads its own "
+            f"{QUANT_METHOD!r} checkpoints (or save a float checkpoint and use dtype='int8')"
+        )
+    if not isinstance(quant.get("modules"), list):
+        raise ValueError(f"{path}: quantization_config needs a 'modules' list of the quantised layers")
+    return quant
+
+
 def load_pretrained(
-    directory: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    directory: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
 ) -> Kosmos2:
     """Load a Hugging Face layout checkpoint directory into a `Kosmos2` (in eval mode).
 
-    dtype: the parameters' dtype (float32, bfloat16 or float16), converted on load. A tied `lm_head.weight`
-    in the file is not read: the head is the embedding matrix. Raises ValueError naming every missing,
-    unexpected or mis-shaped tensor.
+    dtype: the float parameters' dtype (float32, bfloat16 or float16), converted on load; None: float32,
+    except an int8 checkpoint (config.json has a `quantization_config`, `kosmos2.quantize`), whose layers
+    load as the stored `Int8Linear`s and whose other tensors as the stored bfloat16 (no quantising again).
+    A tied `lm_head.weight` in the file is not read: the head is the embedding matrix. Raises ValueError
+    naming every missing, unexpected or mis-shaped tensor.
 
     Safetensors weights loaded to the CPU in their stored dtype share memory with a private (copy-on-write)
     map of the file: the file may be replaced (as `save_pretrained` does, by rename) or deleted, but must not
@@ -299,25 +324,42 @@ def load_pretrained(
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: not a directory; pass a Kosmos-2 checkpoint directory")
-    if not dtype.is_floating_point:
+    if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"load_pretrained: dtype must be a floating point dtype, got {dtype}")
     config = Kosmos2Config.from_json_file(directory / CONFIG_NAME)
+    quant = quantization_config(directory)
+    if quant is not None and dtype not in (None, torch.bfloat16):
+        raise ValueError(
+            f"{directory}: an int8 checkpoint (quantization_config); load it with dtype None or "
+            f"bfloat16 (Predictor: dtype='int8'), not {dtype}"
+        )
+    dtype = dtype or (torch.bfloat16 if quant is not None else torch.float32)
     with torch.device("meta"):
         model = Kosmos2(config)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if quant is not None:
+        from kosmos2.quantize import int8_structure
+
+        int8_structure(model, quant["modules"])
+    expected_tensors = model.state_dict()
+    expected = {name: tuple(t.shape) for name, t in expected_tensors.items()}
     shapes, sources, where = _open_weights(directory)
     check_state_names(shapes, expected, where)
 
     state: dict[str, torch.Tensor] = {}
-    for name in expected:
+    for name, meta in expected_tensors.items():
         if name == LM_HEAD_NAME:
             continue
         src = sources[name]
+        want = dtype if meta.is_floating_point() else meta.dtype  # int8 weights load as they are
         if isinstance(src, SafetensorsFile):
-            state[name] = src.tensor(name, dtype, device)
+            t = src.tensor(name, want if meta.is_floating_point() else None, device)
         else:  # a tensor from torch.load(mmap=True): .to() is a no-op when nothing changes
-            state[name] = src.to(device=device, dtype=dtype)
-    state[LM_HEAD_NAME] = state[EMBED_NAME]
+            t = src
+        if t.is_floating_point() != meta.is_floating_point():
+            raise ValueError(f"{where}: tensor {name} is stored as {t.dtype}, expected {meta.dtype}")
+        state[name] = t.to(device=device, dtype=want)
+    if LM_HEAD_NAME in expected:
+        state[LM_HEAD_NAME] = state[EMBED_NAME]
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()  # assign=True replaced the shared Parameter by two; make the head the embedding again
     return model.eval()
@@ -341,13 +383,19 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _write_checkpoint(state: Mapping[str, torch.Tensor], config: Kosmos2Config, directory: Path) -> None:
+def _write_checkpoint(
+    state: Mapping[str, torch.Tensor],
+    config: Kosmos2Config,
+    directory: Path,
+    quantization: dict | None = None,
+) -> None:
     """Write config.json, model.safetensors and generation_config.json into `directory` atomically per file:
     everything goes to a temporary folder inside it first, then each file is renamed into place (weights
-    first, config last), so a crash never leaves a half-written file under a real name."""
+    first, config last), so a crash never leaves a half-written file under a real name. `quantization`:
+    the `quantization_config` of an int8 model (`kosmos2.quantize`), written into config.json."""
     directory.mkdir(parents=True, exist_ok=True)
     state = {n: t.detach().contiguous() for n, t in state.items() if n != LM_HEAD_NAME}
-    dtypes = {t.dtype for t in state.values()}
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     tmp = Path(tempfile.mkdtemp(prefix=".kosmos2-save-", dir=directory))
     try:
         save_file(state, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
@@ -355,9 +403,10 @@ def _write_checkpoint(state: Mapping[str, torch.Tensor], config: Kosmos2Config, 
         (tmp / GENERATION_CONFIG_NAME).write_text(
             json.dumps(GENERATION_CONFIG, indent=2) + "\n", encoding="utf-8"
         )
-        (tmp / CONFIG_NAME).write_text(
-            json.dumps(config.to_hf_config(dtype), indent=2) + "\n", encoding="utf-8"
-        )
+        hf_config = config.to_hf_config(dtype)
+        if quantization is not None:
+            hf_config["quantization_config"] = quantization
+        (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         for name in (SAFETENSORS_NAME, GENERATION_CONFIG_NAME, CONFIG_NAME):
             os.chmod(
                 tmp / name, 0o644
@@ -374,8 +423,14 @@ def save_pretrained(model: Kosmos2, directory: str | Path) -> None:
 
     Other files in the directory (tokenizer, preprocessor config) are left alone. A model.safetensors is
     preferred over older shards or a pytorch_model.bin there, by us and by transformers.
+
+    An int8 model (`kosmos2.quantize.prepare_model(model, "int8")`) saves its int8 weights and scales with
+    a `quantization_config` (layout in `kosmos2.quantize`); `load_pretrained` loads it without quantising
+    again. transformers cannot load that layout.
     """
-    _write_checkpoint(model.state_dict(), model.config, Path(directory))
+    from kosmos2.quantize import quantization_config as int8_config
+
+    _write_checkpoint(model.state_dict(), model.config, Path(directory), int8_config(model))
 
 
 # -- the original release ----------------------------------------------------------------------------------

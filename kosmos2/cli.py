@@ -35,6 +35,7 @@ COMMAND_MODULES = [
     "kosmos2.train.finetune",  # finetune
     "kosmos2.data.grit_cli",  # grit build
     "kosmos2.eval.cli",  # eval refcoco | flickr30k | synthetic
+    "kosmos2.server.cli",  # serve
 ]
 DEBUG_ENV = "KOSMOS2_DEBUG"  # "1": print tracebacks, as --debug does
 EXIT_USAGE = 2  # argparse's status for a malformed command line

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from kosmos2 import runtime
 from kosmos2.errors import UsageError, UserError
 
 # --task NAME -> (prompt, the task's name in kosmos2.predictor.TASKS, which a model may not support)
@@ -110,7 +111,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--top-p", type=_float_in(0, 1), default=None, help="nucleus sampling mass in (0, 1] (--sample)"
     )
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler, for repeatable --sample runs")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the weights' dtype")
+    runtime.add_runtime_arguments(p)
     p.add_argument("--device", default="cpu", help="torch device to run on: cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default: 8)")
     p.add_argument(
@@ -142,6 +143,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--crop", metavar="OUT.png", help="also write the crop")
     p.add_argument("--model", help="checkpoint directory (default: the built-in model or $KOSMOS2_MODEL)")
     p.add_argument("--json", action="store_true", help="print a JSON object")
+    runtime.add_runtime_arguments(p)
     p.set_defaults(func=_zoom_command)
 
     p = subparsers.add_parser(
@@ -228,6 +230,7 @@ def _ground_command(args: argparse.Namespace) -> int:
         debug=debug_enabled(args),
         coco=args.coco,
         coco_gt=args.coco_gt,
+        threads=args.threads,
     )
     return 1 if any(isinstance(r, Failure) for r in results) else 0
 
@@ -251,7 +254,7 @@ def ground_images(
     model: str | None = None,
     as_json: bool = False,
     draw: str | None = None,
-    dtype: str = "float32",
+    dtype: str | None = None,
     batch_size: int = 8,
     options: dict[str, Any] | None = None,
     out: TextIO | None = None,
@@ -263,6 +266,7 @@ def ground_images(
     debug: bool = False,
     coco: str | None = None,
     coco_gt: str | None = None,
+    threads: int | None = None,
 ) -> list[Any]:
     """Ground each image (a folder stands for the images in it); print the results (text or JSON lines),
     optionally draw the boxes (labelled with their scores) and write COCO results JSON (`write_coco`).
@@ -271,7 +275,8 @@ def ground_images(
     Every argument is checked before the model loads (prompt markup, --draw's folder); then a bad image is
     reported by name (on `err`, and as {"image", "error"} under as_json) and the others still run.
     task: the predictor's task name when a named task was asked for, refused if the model was not trained
-    for it.
+    for it. dtype: float32 | bfloat16 | int8 (None: as the checkpoint); threads: None picks
+    `kosmos2.runtime.default_threads()`.
     """
     from kosmos2 import grounding
     from kosmos2.image import DEFAULT_MAX_PIXELS, ImageError, draw_boxes, load_image
@@ -314,6 +319,7 @@ def ground_images(
 
     predictor = None
     if len(failures) < len(inputs):  # something to run: load the model (its errors end the command)
+        runtime.set_threads(threads)
         predictor = Predictor.from_pretrained(model, dtype=dtype, device=device, batch_size=batch_size)
         if task is not None:
             try:
@@ -486,6 +492,8 @@ def _zoom_command(args: argparse.Namespace) -> int:
         crop=args.crop,
         model=args.model,
         as_json=args.json,
+        dtype=args.dtype,
+        threads=args.threads,
     )
     return 0
 
@@ -501,6 +509,8 @@ def zoom_image(
     model: str | None = None,
     as_json: bool = False,
     out: TextIO | None = None,
+    dtype: str | None = None,
+    threads: int | None = None,
 ) -> Any:
     """`Predictor.zoom` on one image file; prints what was found and the task's answer (or JSON)."""
     from kosmos2.predictor import ZOOM_MARGIN, GroundingResult, Predictor
@@ -520,7 +530,8 @@ def zoom_image(
         def task(im: Any) -> str:
             return pytesseract.image_to_string(im).strip()
 
-    predictor = Predictor.from_pretrained(model)
+    runtime.set_threads(threads)
+    predictor = Predictor.from_pretrained(model, dtype=dtype)
     z = predictor.zoom(
         image,
         expression,

@@ -14,7 +14,8 @@ Speed (benchmarks/generate.py): the model calls here run their float32 linear la
 oneDNN's matmul instead of PyTorch's default BLAS call (`onednn_linear`): the same float32 arithmetic, ~1.8x
 faster for one decoding row and ~2x for eight on the 2-core AMD CPU we measured, with both cores free.
 Everything else is plain eager PyTorch over the model's static KV cache (torch.compile gained nothing
-measurable on the decode step).
+measurable on the decode step). bfloat16 and int8 models bring their own linear layers (`kosmos2.quantize`:
+oneDNN-packed bf16 weights, int8 weight-only kernels) and skip the float32 routing.
 """
 
 from __future__ import annotations
@@ -136,10 +137,16 @@ def onednn_linear(enabled: bool = True) -> Iterator[None]:
         yield
 
 
+def _float32(model: Kosmos2) -> bool:
+    """Whether the model computes in float32, the only dtype `onednn_linear` reroutes: bfloat16 and int8
+    models (`kosmos2.quantize`) run their own kernels, and the mode's per-call dispatch would only cost."""
+    return model.text_model.model.embed_tokens.weight.dtype == torch.float32
+
+
 @torch.no_grad()
 def encode_images(model: Kosmos2, pixel_values: Tensor) -> Tensor:
     """`model.encode_image` ([B,3,H,W] -> [B, 64, C]) with the linear layers of `onednn_linear`."""
-    with onednn_linear():
+    with onednn_linear(_float32(model)):
         return model.encode_image(pixel_values)
 
 
@@ -164,7 +171,7 @@ def prefill(
     # pad tokens are exactly the attention_mask zeros here: positions from the ids equal those from the mask
     positions = make_positions(input_ids.masked_fill(attention_mask == 0, model.config.text.pad_token_id))
     positions = positions.masked_fill(attention_mask == 0, 1)
-    with onednn_linear():
+    with onednn_linear(_float32(model)):
         logits = model.forward_cached(
             input_ids,
             torch.arange(T, device=input_ids.device),
@@ -181,7 +188,7 @@ def prefill(
 def decode_one_token(model: Kosmos2, token: Tensor, slot: int, positions: Tensor) -> Tensor:
     """token [B,1] at cache slot `slot` with positions [B,1] -> next-token logits [B,V]."""
     input_pos = torch.tensor([slot], device=token.device)
-    with onednn_linear():
+    with onednn_linear(_float32(model)):
         return model.forward_cached(token, input_pos, positions)[:, -1].float()
 
 
@@ -483,7 +490,7 @@ def token_logprobs(
     positions = make_positions(ids.masked_fill(mask == 0, pad), pad).masked_fill(mask == 0, 1)
     if image_mask is not None:
         image_mask = torch.cat([image_mask, torch.zeros_like(tail, dtype=torch.bool)], dim=1)
-    with onednn_linear():
+    with onednn_linear(_float32(model)):
         logits, _ = model(
             ids, image_embeds=image_embeds, image_mask=image_mask, attention_mask=mask, positions=positions
         )
@@ -540,7 +547,7 @@ def location_candidates(
     positions = make_positions(ids.masked_fill(mask == 0, model.config.text.pad_token_id))
     positions = positions.masked_fill(mask == 0, 1)
     try:
-        with onednn_linear():
+        with onednn_linear(_float32(model)):
             h = model.forward_cached(
                 ids, torch.arange(T + 1, device=ids.device), positions, mask, image_embeds, image_mask
             )
@@ -554,7 +561,7 @@ def location_candidates(
         model.reorder_cache(expand)
         step_pos = positions[:, -1:].index_select(0, expand) + 1
         ul_tokens = (top_ul.reshape(-1, 1) + location_offset).to(ids.dtype)
-        with onednn_linear():
+        with onednn_linear(_float32(model)):
             lr_logits = model.forward_cached(ul_tokens, torch.tensor([T + 1], device=ids.device), step_pos)
         lr_logp = torch.log_softmax(lr_logits[:, -1].float(), dim=-1)[
             :, location_offset : location_offset + cells

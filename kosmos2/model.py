@@ -413,8 +413,10 @@ class Kosmos2(nn.Module):
             nn.init.normal_(module.latent_query, std=1.0)
 
     def tie_weights(self) -> None:
-        """Make `lm_head.weight` the embedding matrix again (needed after `load_state_dict(assign=True)`)."""
-        self.text_model.lm_head.weight = self.text_model.model.embed_tokens.weight
+        """Make `lm_head.weight` the embedding matrix again (needed after `load_state_dict(assign=True)`);
+        an int8 head (`kosmos2.quantize.Int8Linear`) keeps its own quantised copy."""
+        if isinstance(self.text_model.lm_head, nn.Linear):
+            self.text_model.lm_head.weight = self.text_model.model.embed_tokens.weight
 
     # -- image -> 64 embeddings ----------------------------------------------------------------------------
 

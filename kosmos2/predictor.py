@@ -57,6 +57,9 @@ TASKS = (
     "grounded_vqa",  # <grounding> Question: {q} Answer:
     "vqa",  # Question: {q} Answer:
 )
+# REC prompts with no fitting object (answered `</s>`) or two (both boxes in one `<object>`): a model trained
+# on them says so in kosmos2_tasks, and `locate` then reads "not found" and "another one" from its REC answer
+QUERY_TASKS = ("rec_absent", "rec_ambiguous")
 TASKS_KEY = "kosmos2_tasks"
 BOX_UNITS = ("pixels", "normalized")  # describe_region's units
 
@@ -97,9 +100,10 @@ def model_tasks(directory: Path) -> frozenset[str] | None:
     if not isinstance(given, dict) or TASKS_KEY not in given:
         return None
     tasks = given[TASKS_KEY]
-    if not isinstance(tasks, list) or not all(isinstance(t, str) and t in TASKS for t in tasks):
+    names = TASKS + QUERY_TASKS
+    if not isinstance(tasks, list) or not all(isinstance(t, str) and t in names for t in tasks):
         raise ValueError(
-            f"{path}: {TASKS_KEY} must be a list of task names from {list(TASKS)}, got {tasks!r}"
+            f"{path}: {TASKS_KEY} must be a list of task names from {list(names)}, got {tasks!r}"
         )
     return frozenset(tasks)
 
@@ -198,6 +202,12 @@ class Candidate:
     logp_lr: float
 
 
+def _add_distinct(distinct: list[Candidate], candidate: Candidate) -> None:
+    """Append `candidate` unless it overlaps one already there with IoU >= CANDIDATE_IOU (the same object)."""
+    if all(grounding.iou(candidate.box, d.box) < CANDIDATE_IOU for d in distinct):
+        distinct.append(candidate)
+
+
 @dataclass
 class LocateResult(GroundingResult):
     """A REC result (`Predictor.locate`): the greedy answer as before, plus what to trust about it.
@@ -212,11 +222,19 @@ class LocateResult(GroundingResult):
     expression: str = ""
     found: bool | None = None
     ambiguous: bool | None = None
-    # p(" yes") / (p(" yes") + p(" no")) to "Is there <expression>?"; None (and found, ambiguous None) for a
-    # model that states it was not trained for plain VQA
+    # the signal behind `found`: signals["object"] for a model trained on absent queries (rec_absent in its
+    # kosmos2_tasks), else signals["exists"]; None (and found, ambiguous None) when it has neither
     found_score: float | None = None
-    ambiguity_score: float | None = None  # score of the second candidate / score of the first
+    # the signal behind `ambiguous`: signals["another"] for a model trained on ambiguous queries
+    # (rec_ambiguous), else signals["second_ratio"]
+    ambiguity_score: float | None = None
     candidates: list[Candidate] = field(default_factory=list)
+    # every signal computed, by name (docs/TRUST.md): "exists" p(" yes") / (p(" yes") + p(" no")) to "Is
+    # there <expression>?" (models trained for plain VQA); "object" p(<object> | prompt), the REC answer
+    # going on to a box rather than ending; "second_ratio" score of the second candidate / score of the
+    # first (0 with one); "another" (models trained on ambiguous queries) p(delimiter) / (p(delimiter) +
+    # p(</object>)) after the first candidate's box: the answer going on to a second box
+    signals: dict[str, float] = field(default_factory=dict)
 
     @property
     def box(self) -> grounding.Box | None:
@@ -243,6 +261,89 @@ class ZoomResult:
     crop_box: grounding.Box | None
     crop: Any
     result: Any
+
+
+@dataclass
+class StreamEvent:
+    """One event of `Predictor.stream` (and of the server's streams, which use the same `StreamDecoder`).
+
+    kind "text":   `text` is the next readable piece of the caption (markup removed). Joined in order, the
+                   pieces equal the final `result.caption`; the first is the prompt's own text, if any.
+    kind "entity": `entity` has just closed (its `</object>` arrived); its span indexes the caption, whose
+                   text up to the span's end has already been sent.
+    kind "done":   the last event; `result` is the whole `GroundingResult`, equal to what `ground` returns.
+    """
+
+    kind: str
+    text: str = ""
+    entity: EntityResult | None = None
+    result: GroundingResult | None = None
+
+    def __str__(self) -> str:  # `print(event, end="")` prints the readable text
+        return self.text
+
+
+class StreamDecoder:
+    """Generated token ids in, `StreamEvent`s out: `start()`, then `feed(id, logprob)` per token (without
+    `</s>`), then `finish()`. Each step re-parses prompt + continuation with `grounding.parse`, so the pieces
+    and entities are exactly those of the final result. Given every token's log-probability (the model's
+    plain distribution, as `token_logprobs`), entities carry their scores as they close; otherwise the
+    scores come with the "done" result."""
+
+    def __init__(self, predictor: Predictor, prompt: str, size: tuple[int, int]):
+        self.predictor, self.prompt, self.size = predictor, prompt, size
+        self.ids: list[int] = []
+        self.logprobs: list[float] = []
+        self._prompt_ids = predictor.tokenizer.encode(prompt.strip())
+        prompt_parsed = grounding.parse(predictor.tokenizer.decode(self._prompt_ids))
+        self._prompt_boxes = sum(len(e.boxes) for e in prompt_parsed.entities)
+        self._sent = ""  # caption text sent so far
+        self._entities = 0  # entities sent so far
+
+    def start(self) -> list[StreamEvent]:
+        """The prompt's readable text (and any entity the prompt closes by itself)."""
+        return self._events()
+
+    def feed(self, token_id: int, logprob: float | None = None) -> list[StreamEvent]:
+        self.ids.append(int(token_id))
+        if logprob is not None:
+            self.logprobs.append(float(logprob))
+        return self._events()
+
+    def finish(self, logprobs: list[float] | None = None) -> list[StreamEvent]:
+        """What is left (held-back text) and the "done" event with the whole result (scored with
+        `logprobs`, else with those fed, when the predictor scores)."""
+        if logprobs is not None:
+            self.logprobs = list(logprobs)
+        result = self.predictor._result(self.prompt, self.ids, self.size, self._scored())
+        events = self._events(final=True)
+        return [*events, StreamEvent("done", result=result)]
+
+    def _scored(self) -> list[float] | None:
+        complete = len(self.logprobs) == len(self.ids)
+        return self.logprobs if self.predictor.scores and complete else None
+
+    def _events(self, final: bool = False) -> list[StreamEvent]:
+        text = self.predictor.tokenizer.decode(self._prompt_ids + self.ids)
+        if text.endswith("\ufffd") and not final:  # wait for a whole UTF-8 character
+            return []
+        parsed = grounding.parse(text)
+        events = []
+        if parsed.caption.startswith(self._sent) and len(parsed.caption) > len(self._sent):
+            events.append(StreamEvent("text", text=parsed.caption[len(self._sent) :]))
+            self._sent = parsed.caption
+        if len(parsed.entities) > self._entities:
+            W, H = self.size
+            entities = [
+                EntityResult(e.phrase, e.span, e.boxes, [grounding.box_to_pixels(b, W, H) for b in e.boxes])
+                for e in parsed.entities
+            ]
+            scored = self._scored()
+            if scored is not None and self.ids:
+                self.predictor._attach_scores(entities, self._prompt_boxes, self.ids, scored)
+            events += [StreamEvent("entity", entity=e) for e in entities[self._entities :]]
+            self._entities = len(entities)
+        return events
 
 
 def _as_list(x: Any) -> tuple[list[Any], bool]:
@@ -289,16 +390,19 @@ class Predictor:
     def from_pretrained(
         cls,
         path: str | os.PathLike[str] | None = None,
-        dtype: torch.dtype | str = torch.float32,
+        dtype: torch.dtype | str | None = None,
         device: torch.device | str = "cpu",
         batch_size: int = 8,
     ) -> Predictor:
         """Load a Hugging Face-layout checkpoint directory (weights, config and tokenizer files).
 
         path None: $KOSMOS2_MODEL if set, else the built-in default model shipped with the package.
-        dtype: torch.float32 or torch.bfloat16 (or their names "float32" / "bfloat16").
+        dtype: "float32", "bfloat16" (prepacked linear layers) or "int8" (weight-only, per-channel scales;
+        an int8 checkpoint loads as saved, a float one is quantised on load), or torch.float32 /
+        torch.bfloat16; None: float32, or int8 for an int8 checkpoint (`kosmos2.quantize`).
         """
-        from kosmos2.checkpoint import load_pretrained
+        from kosmos2.checkpoint import load_pretrained, quantization_config
+        from kosmos2.quantize import dtype_name, prepare_model
         from kosmos2.tokenizer import Kosmos2Tokenizer
 
         directory = Path(path) if path is not None else default_model_dir()
@@ -323,13 +427,12 @@ class Predictor:
             what = "is a file, not a directory" if directory.exists() else "does not exist"
             raise FileNotFoundError(f"model directory {str(directory)!r} {what}: {hint}")
         _check_device(device)
-        if isinstance(dtype, str):
-            names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16}
-            names["bf16"] = torch.bfloat16
-            if dtype not in names:
-                raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(names)}")
-            dtype = names[dtype]
-        model = load_pretrained(directory, dtype=dtype, device=device)
+        stored = "int8" if quantization_config(directory) is not None else "float32"
+        name = dtype_name(dtype) or stored
+        if stored == "int8" and name != "int8":
+            raise ValueError(f"{directory} is an int8 checkpoint: load it with dtype='int8', not {name!r}")
+        load_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": None}[name]
+        model = prepare_model(load_pretrained(directory, dtype=load_dtype, device=device), name)
         tokenizer = Kosmos2Tokenizer.from_pretrained(directory)
         if tokenizer.vocab_size > model.config.text.vocab_size:
             raise ValueError(
@@ -347,9 +450,12 @@ class Predictor:
         return next(self.model.parameters()).device
 
     def supports(self, task: str) -> bool:
-        """Whether the model was trained for `task` (one of TASKS); True when the model does not say."""
+        """Whether the model was trained for `task` (one of TASKS, or QUERY_TASKS); True when the model does
+        not say (for QUERY_TASKS: False, the official weights were not trained on them)."""
+        if task in QUERY_TASKS:
+            return self.tasks is not None and task in self.tasks
         if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; the tasks are {list(TASKS)}")
+            raise ValueError(f"unknown task {task!r}; the tasks are {list(TASKS + QUERY_TASKS)}")
         return self.tasks is None or task in self.tasks
 
     def check_task(self, task: str) -> None:
@@ -519,24 +625,36 @@ class Predictor:
         index = [order[id(im)] for im in images]
         return embeds[index], [sizes[i] for i in index]
 
-    def stream(self, image: Any, prompt: str = PROMPT_BRIEF, **options: Any) -> Iterator[str]:
-        """Yield the continuation's text piece by piece as it is generated (greedy or sampling)."""
+    def stream(self, image: Any, prompt: str = PROMPT_BRIEF, **options: Any) -> Iterator[StreamEvent]:
+        """Generate for one image, yielding `StreamEvent`s as the text grows (greedy or sampling).
+
+        "text" events carry readable pieces (markup removed) whose concatenation is the result's caption (the
+        first piece is the prompt's own text, if it has any); an "entity" event comes when a phrase's
+        `</object>` arrives (its scores come with the result); the last event, "done", carries the whole
+        `GroundingResult`, equal to what `ground` gives:
+
+            for event in p.stream("photo.jpg"):
+                print(event.text, end="", flush=True)
+        """
+        grounding.check_prompt(prompt, self.grid, self.tokenizer.token_to_id)
         cfg = self._options({}, options)
-        embeds, _ = self.encode_images([image])
-        batch = {k: v.to(self.device) for k, v in self.tokenizer.batch_encode([prompt]).items()}
-        ids: list[int] = []
-        sent = ""
+        embeds, sizes = self.encode_images([image])
+        batch = self.tokenizer.batch_encode([prompt], num_image_tokens=self.num_image_tokens)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        decoder = StreamDecoder(self, prompt, sizes[0])
+        yield from decoder.start()
         for tokens, _finished in stream(
             self.model, batch["input_ids"], batch["attention_mask"], embeds, batch["image_mask"], cfg
         ):
             t = int(tokens[0])
             if t == cfg.eos_token_id:
                 break
-            ids.append(t)
-            text = self.tokenizer.decode(ids)
-            if len(text) > len(sent) and not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
-                yield text[len(sent) :]
-                sent = text
+            yield from decoder.feed(t)
+        logprobs = None
+        if self.scores:  # the same teacher-forced pass as `ground`: the done result equals its result
+            args = (batch["input_ids"], batch["attention_mask"], embeds, batch["image_mask"], [decoder.ids])
+            logprobs = token_logprobs(self.model, *args)[0]
+        yield from decoder.finish(logprobs)
 
     @torch.no_grad()
     def logits(self, image: Any, text: str) -> torch.Tensor:
@@ -598,29 +716,44 @@ class Predictor:
                 self.grid,
                 beams,
             )
-            # the found question is plain VQA: a model not trained for it gives no found score (found None)
-            found_scores: list[float | None] = (
+            # the found question is plain VQA: a model not trained for it gives no "exists" signal
+            exists = (
                 self._exists(embeds, [_question_words(r.prompt) for r in chunk])
                 if self.supports("vqa")
+                else [None] * len(chunk)
+            )
+            # a model trained on ambiguous queries says whether a second box follows the first candidate's
+            another = (
+                self._another(embeds, [r.prompt for r in chunk], [found[i][0] for i in range(len(chunk))])
+                if self.supports("rec_ambiguous")
                 else [None] * len(chunk)
             )
             for i, r in enumerate(chunk):
                 W, H = r.image_size
                 distinct: list[Candidate] = []
-                for c in found[i]:
+                for j, c in enumerate(found[i]):
                     box = grounding.tokens_to_box(c.ul, c.lr, self.grid)
-                    if all(grounding.iou(box, d.box) < CANDIDATE_IOU for d in distinct):
-                        distinct.append(
-                            Candidate(
-                                box,
-                                grounding.box_to_pixels(box, W, H),
-                                math.exp(c.logp / 2),
-                                c.logp_ul,
-                                c.logp_lr,
-                            )
-                        )
-                ambiguity = distinct[1].score / distinct[0].score if len(distinct) > 1 else 0.0
-                is_found = None if found_scores[i] is None else found_scores[i] >= self.found_threshold
+                    pixels = grounding.box_to_pixels(box, W, H)
+                    _add_distinct(
+                        distinct, Candidate(box, pixels, math.exp(c.logp / 2), c.logp_ul, c.logp_lr)
+                    )
+                    if j == 0 and self.supports("rec_ambiguous"):
+                        # the answer's own further boxes come next: what it wrote after the delimiter (their
+                        # location tokens follow a box, not `<object>`: no logp_ul / logp_lr of that search)
+                        for e in r.entities[:1]:
+                            for k in range(1, len(e.boxes)):
+                                score = e.scores[k] if k < len(e.scores) and e.scores[k] is not None else 0.0
+                                other = Candidate(e.boxes[k], e.pixel_boxes[k], score, math.nan, math.nan)
+                                _add_distinct(distinct, other)
+                ratio = distinct[1].score / distinct[0].score if len(distinct) > 1 else 0.0
+                signals = {"second_ratio": ratio, "object": math.exp(object_logp[i])}
+                if exists[i] is not None:
+                    signals["exists"] = exists[i]
+                if another[i] is not None:
+                    signals["another"] = another[i]
+                found_score = signals.get("object" if self.supports("rec_absent") else "exists")
+                ambiguity = signals["another" if self.supports("rec_ambiguous") else "second_ratio"]
+                is_found = None if found_score is None else found_score >= self.found_threshold
                 chunk[i] = LocateResult(
                     **{f: getattr(r, f) for f in GroundingResult.__dataclass_fields__},
                     expression=_question_words(r.prompt, article=False),
@@ -628,9 +761,10 @@ class Predictor:
                     ambiguous=None
                     if is_found is None
                     else is_found and ambiguity >= self.ambiguous_threshold,
-                    found_score=found_scores[i],
+                    found_score=found_score,
                     ambiguity_score=ambiguity,
                     candidates=distinct[:candidates],
+                    signals=signals,
                 )
 
         return self._run(
@@ -698,7 +832,25 @@ class Predictor:
     def _exists(self, embeds: torch.Tensor, things: list[str]) -> list[float]:
         """p(" yes") / (p(" yes") + p(" no")) as the answer to `Question: Is there {thing}? Answer:`."""
         tok = self.tokenizer
-        prompts = [f"Question: Is there {t}? Answer:" for t in things]
+        logp = self._next_logp(embeds, [f"Question: Is there {t}? Answer:" for t in things])
+        yes, no = tok.encode("yes")[0], tok.encode("no")[0]
+        return torch.sigmoid(logp[:, yes] - logp[:, no]).tolist()
+
+    def _another(self, embeds: torch.Tensor, prompts: list[str], firsts: list[Any]) -> list[float]:
+        """p(delimiter) / (p(delimiter) + p(</object>)) after `{prompt}<object>{ul}{lr}` (each row's first
+        candidate): whether the REC answer goes on to a second box."""
+        tok = self.tokenizer
+        texts = [
+            f"{p}{grounding.OBJECT_START}{grounding.patch_token(c.ul)}{grounding.patch_token(c.lr)}"
+            for p, c in zip(prompts, firsts, strict=True)
+        ]
+        logp = self._next_logp(embeds, texts)
+        more, end = tok.token_to_id(grounding.DELIMITER), tok.token_to_id(grounding.OBJECT_END)
+        return torch.sigmoid(logp[:, more] - logp[:, end]).tolist()
+
+    def _next_logp(self, embeds: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """log p(next token | image, prompt) for each prompt [B,V] (one prefill)."""
+        tok = self.tokenizer
         batch = {
             k: v.to(self.device)
             for k, v in tok.batch_encode(prompts, num_image_tokens=self.num_image_tokens).items()
@@ -712,9 +864,7 @@ class Predictor:
             batch["input_ids"].shape[1] + 1,
         )
         self.model.clear_cache()
-        logp = torch.log_softmax(logits, dim=-1)
-        yes, no = tok.encode("yes")[0], tok.encode("no")[0]
-        return torch.sigmoid(logp[:, yes] - logp[:, no]).tolist()
+        return torch.log_softmax(logits, dim=-1)
 
     def ground_phrases(
         self, image: Any, caption: str, phrases: Sequence[str | tuple[int, int]], **options: Any

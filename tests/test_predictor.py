@@ -133,8 +133,37 @@ def test_task_prompts(predictor, monkeypatch):
 
 def test_stream_joins_to_the_generated_text(predictor):
     im = images(1)[0]
-    pieces = list(predictor.stream(im, "<grounding>An image of", max_new_tokens=10))
-    assert "".join(pieces) == predictor.ground(im, max_new_tokens=10).text
+    events = list(predictor.stream(im, "<grounding>An image of", max_new_tokens=10))
+    expected = predictor.ground(im, max_new_tokens=10)
+    assert "".join(e.text for e in events if e.kind == "text") == expected.caption
+    assert events[-1].kind == "done" and events[-1].result == expected
+
+
+def test_stream_sends_readable_text_and_each_entity_when_it_closes():
+    # the built-in default model writes grounded captions of examples/shapes.png (three entities)
+    from pathlib import Path
+
+    p = Predictor.from_pretrained()
+    image = Path(__file__).parent.parent / "examples" / "shapes.png"
+    expected = p.ground(image)
+    assert len(expected.entities) >= 2  # the test needs a caption with entities
+    events = list(p.stream(image))
+    texts = [e.text for e in events if e.kind == "text"]
+    assert texts[0] == "An image of"  # the prompt's own readable text comes first
+    assert not any("<" in t for t in texts)  # no markup, no raw tokens
+    assert "".join(texts) == expected.caption
+    streamed = [e.entity for e in events if e.kind == "entity"]
+    assert [(e.phrase, e.span, e.boxes, e.pixel_boxes) for e in streamed] == [
+        (e.phrase, e.span, e.boxes, e.pixel_boxes) for e in expected.entities
+    ]
+    assert [e.kind for e in events].count("done") == 1 and events[-1].result == expected
+    sent = ""
+    for e in events:  # an entity arrives once its phrase's text has been sent, not before
+        if e.kind == "text":
+            sent += e.text
+        elif e.kind == "entity":
+            start, end = e.entity.span
+            assert len(sent) >= end and sent[start:end] == e.entity.phrase
 
 
 def test_logits_are_the_teacher_forced_forward(predictor):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import warnings
 
 import numpy as np
@@ -306,3 +307,38 @@ def test_reports_carry_the_metrics_past_one_threshold(tmp_path):
     assert "| accuracy | 50.0 |" in text and "AP (by score)" in text and "ECE" in text and "Pointing" in text
     if report.have_matplotlib():
         assert (tmp_path / "rec_iou.png").is_file() and (tmp_path / "rec_reliability.png").is_file()
+
+
+def test_a_model_trained_on_absent_and_ambiguous_queries_reads_found_and_ambiguous_from_rec(tmp_path):
+    # the same weights, stated as trained on rec_absent / rec_ambiguous: found_score becomes p(<object> |
+    # prompt) and ambiguity_score p(delimiter) / (p(delimiter) + p(</object>)) after the first candidate's
+    # box, each checked against a plain forward; the other signals stay as they were
+    from kosmos2.predictor import default_model_dir
+
+    folder = tmp_path / "model"
+    shutil.copytree(default_model_dir(), folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    config["kosmos2_tasks"] += ["rec_absent", "rec_ambiguous"]
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    p, plain = Predictor.from_pretrained(folder), Predictor.from_pretrained()
+    assert p.supports("rec_absent") and not plain.supports("rec_absent")
+    prompt = "<grounding><phrase>the large orange circle</phrase>"
+    r, before = p.locate(SHAPES, "the large orange circle"), plain.locate(SHAPES, "the large orange circle")
+    assert r.text == before.text and r.candidates[0] == before.candidates[0]
+    obj = p.tokenizer.token_to_id(grounding.OBJECT_START)
+    assert (
+        r.found_score
+        == r.signals["object"]
+        == pytest.approx(math.exp(_reference_logp(p, SHAPES, prompt, [obj])[0]), rel=1e-3)
+    )
+    assert r.signals["exists"] == pytest.approx(before.found_score, abs=1e-6)
+    assert r.found is (r.found_score >= p.found_threshold)
+    ul, lr = grounding.box_to_tokens(r.candidates[0].box, 32)
+    off = p.tokenizer.patch_index_offset
+    more, end = (p.tokenizer.token_to_id(t) for t in (grounding.DELIMITER, grounding.OBJECT_END))
+    ref = _reference_logp(p, SHAPES, prompt, [obj, off + ul, off + lr, more])[-1]
+    ref_end = _reference_logp(p, SHAPES, prompt, [obj, off + ul, off + lr, end])[-1]
+    want = math.exp(ref) / (math.exp(ref) + math.exp(ref_end))
+    assert r.ambiguity_score == r.signals["another"] == pytest.approx(want, abs=1e-4)
+    assert r.signals["second_ratio"] == pytest.approx(before.ambiguity_score)
+    assert "another" not in before.signals and before.found_score == before.signals["exists"]

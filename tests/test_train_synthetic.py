@@ -1158,3 +1158,44 @@ def test_the_default_recipe_exports_the_shipped_generation_config_byte_for_byte(
     shipped = (asset / "generation_config.json").read_bytes()
     written = generation_json(generation_settings(W.get_recipe("default"))).encode()
     assert written == shipped
+
+
+def test_a_mixture_can_hold_absent_and_ambiguous_queries_and_the_export_says_so():
+    r = W.get_recipe("test", mixture={"rec": 1, "rec_absent": 1, "rec_ambiguous": 1}, scenes_per_step=8)
+    tasks = [s["task"] for _, samples in B.batch_samples(r, 0) for s in samples]
+    assert {"rec_absent", "rec_ambiguous"} <= set(tasks)
+    # the query tasks follow the world's seven in kosmos2_tasks; the default recipe lists only the seven
+    assert W.generation_settings(r)["kosmos2_tasks"] == ["rec", "rec_absent", "rec_ambiguous"]
+    assert "rec_absent" not in W.generation_settings(W.get_recipe("default"))["kosmos2_tasks"]
+    trust = W.get_recipe("trust")
+    assert trust.mixture["rec_absent"] > 0 and trust.mixture["rec_ambiguous"] > 0 and trust.init_from
+    with pytest.raises(ValueError, match="mixture"):
+        W.get_recipe("test", mixture={"rec_unknown": 1})
+
+
+def test_init_from_continues_a_model_folder_with_its_tokenizer_and_weights(finished_run, tmp_path):
+    start = finished_run / "model"
+    # learning rates too small to move a float32 weight: the continued run exports the weights it loaded
+    r = W.get_recipe("test", init_from=str(start), steps=1, lr=1e-20, warmup_steps=0, seed=5)
+    out = W.train(r, tmp_path / "continued", progress=False)
+    assert (out / "tokenizer.json").read_bytes() == (start / "tokenizer.json").read_bytes()
+    assert (out / "config.json").read_bytes() == (start / "config.json").read_bytes()
+    from safetensors.torch import load_file
+
+    before, after = load_file(start / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-6, msg=name)
+    # a fresh model of the same recipe is far from it: the weights did come from the folder
+    fresh = W.train(
+        W.get_recipe("test", steps=1, lr=1e-20, warmup_steps=0), tmp_path / "fresh", progress=False
+    )
+    fresh_state = load_file(fresh / "model.safetensors")
+    assert any(not torch.allclose(fresh_state[n], before[n]) for n in before)
+
+
+def test_init_from_must_name_a_model_folder(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"init_from .*not a model folder \(no config.json, tokenizer.json\)"
+    ):
+        W.get_recipe("test", init_from=str(tmp_path))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 DETECTORS = (
     "grounding-dino",
@@ -89,22 +88,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_build(args: argparse.Namespace) -> int:
     """The handler of `grit build`: settings from the arguments, then the chosen engine."""
     from kosmos2.data.grit import BuildSettings, build
+    from kosmos2.errors import UsageError, UserError
 
     if args.detector == "precomputed":
         if not args.detections or args.model_dir:
-            print(
-                "grit build: --detector precomputed needs --detections FILE (and no --model-dir)",
-                file=sys.stderr,
-            )
-            return 2
+            raise UsageError("--detector precomputed needs --detections FILE (and no --model-dir)")
         path = args.detections
     else:
         if not args.model_dir or args.detections:
-            print(
-                f"grit build: --detector {args.detector} needs --model-dir DIR (and no --detections)",
-                file=sys.stderr,
-            )
-            return 2
+            raise UsageError(f"--detector {args.detector} needs --model-dir DIR (and no --detections)")
         path = args.model_dir
     try:
         settings = BuildSettings(
@@ -129,8 +121,7 @@ def run_build(args: argparse.Namespace) -> int:
         else:
             summary = build(settings, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, ImportError, OSError) as e:
-        print(f"grit build: {e}", file=sys.stderr)
-        return 1
+        raise UserError(str(e)) from e  # `kosmos2 grit build: <message>`, exit 1 (kosmos2.cli)
     print(
         json.dumps(
             {

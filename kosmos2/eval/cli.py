@@ -13,9 +13,10 @@ import argparse
 import hashlib
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
+
+from kosmos2 import runtime
 
 REFCOCO_DATASETS = ("refcoco", "refcoco+", "refcocog")
 # the synthetic world's tasks (kosmos2.eval.synthetic.WORLD_TASKS / DEFAULT_TASKS, repeated here so that
@@ -152,7 +153,7 @@ def _common(p: argparse.ArgumentParser, decoding: str) -> None:
         help="model directory, as for `kosmos2 ground` (default: the built-in default model)",
     )
     g.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    runtime.add_runtime_arguments(g)
     g.add_argument("--out", type=Path, required=True, help="output folder (metrics.json, report.md, plots)")
     g.add_argument(
         "--cache", type=Path, help="prediction cache (default: OUT/predictions.jsonl); reruns resume"
@@ -194,9 +195,11 @@ def model_id_for(checkpoint: str | os.PathLike | None) -> str:
 
 
 def load_predictor(args: argparse.Namespace) -> Any:
-    """The Predictor for --checkpoint / --dtype / --device (torch is imported here, not at parse time)."""
+    """The Predictor for --checkpoint / --dtype / --device, with --threads applied (torch is imported here,
+    not at parse time)."""
     from kosmos2.predictor import Predictor
 
+    runtime.set_threads(getattr(args, "threads", None))
     return Predictor.from_pretrained(
         args.checkpoint, dtype=args.dtype, device=args.device, batch_size=args.batch_size
     )
@@ -221,8 +224,12 @@ def generation_settings(args: argparse.Namespace) -> dict[str, Any]:
 def _run_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    model_id = args.model_id or model_id_for(args.checkpoint)
+    # bfloat16 and int8 can predict otherwise than float32: their predictions get cache keys of their own
+    if getattr(args, "dtype", None) not in (None, "float32"):
+        model_id = f"{model_id}+{args.dtype}"
     return {
-        "model_id": args.model_id or model_id_for(args.checkpoint),
+        "model_id": model_id,
         "cache": args.cache,
         "batch_size": args.batch_size,
         "progress": not args.no_progress,
@@ -254,8 +261,10 @@ def _recall_line(a: dict[str, Any]) -> str:
 
 
 def _fail(message: str) -> int:
-    print(f"kosmos2 eval: error: {message}", file=sys.stderr)
-    return 2
+    """A usage error: kosmos2.cli prints it as `kosmos2 eval <benchmark>: <message>` and exits with 2."""
+    from kosmos2.errors import UsageError
+
+    raise UsageError(message)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -962,6 +962,7 @@ def _trust_record(
         "ambiguity_score": r.ambiguity_score,
         "found": r.found,
         "ambiguous": r.ambiguous,
+        "signals": dict(getattr(r, "signals", {}) or {}),
         "candidates": candidates,
         # ambiguous queries: both true objects among the first two candidates (IoU ≥ 0.5 each)
         "covered": (
@@ -1017,6 +1018,7 @@ def summarize_trust(
             "top2_cover_both": _share(covered),
             "n": len(amb),
         },
+        "signals": _signal_aurocs(test),
         "rec": metrics.threshold_metrics(
             [r["iou"] for r in rec],
             [r["score"] for r in rec],
@@ -1024,6 +1026,27 @@ def summarize_trust(
             [r["truth"] for r in rec],
         ),
     }
+
+
+def _signal_aurocs(test: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each of locate's signals (LocateResult.signals) as a found signal (AUROC of ordinary vs absent
+    queries) and as an ambiguity signal (ambiguous vs ordinary), on the rows that carry it: which signal
+    separates best, whichever the predictor uses for this model."""
+    names = sorted({name for r in test for name in r.get("signals") or {}})
+    out = {}
+    for name in names:
+
+        def values(task: str, name: str = name) -> list[float]:
+            return [
+                float(r["signals"][name]) for r in test if r["task"] == task and name in r.get("signals", {})
+            ]
+
+        present, absent, ambiguous = values("rec"), values("rec_absent"), values("rec_ambiguous")
+        out[name] = {
+            "found_auroc": metrics.auroc(present, absent) if present and absent else None,
+            "ambiguity_auroc": metrics.auroc(ambiguous, present) if present and ambiguous else None,
+        }
+    return out
 
 
 def evaluate_trust(
@@ -1077,5 +1100,18 @@ def trust_markdown(result: Mapping[str, Any]) -> list[str]:
                 ],
             ],
         ),
+        "",
+    ] + _signals_markdown(result.get("signals") or {})
+
+
+def _signals_markdown(signals: Mapping[str, Mapping[str, float | None]]) -> list[str]:
+    if not signals:
+        return []
+    rows = [[name, _f3(v["found_auroc"]), _f3(v["ambiguity_auroc"])] for name, v in signals.items()]
+    return [
+        "Each signal of LocateResult.signals on its own (test split; found_score and ambiguity_score are "
+        "the ones the model's kosmos2_tasks select, docs/TRUST.md):",
+        "",
+        report.markdown_table(["signal", "found AUROC (ordinary vs absent)", "ambiguity AUROC"], rows),
         "",
     ]

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-RECIPE_NAMES = ("default", "test")  # kosmos2.train.recipes.synthetic.RECIPES
+RECIPE_NAMES = ("default", "trust", "test")  # kosmos2.train.recipes.synthetic.RECIPES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
