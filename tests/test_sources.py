@@ -358,3 +358,13 @@ def test_held_out_split_is_by_image_and_stable(tmp_path):
     assert everything.heldout and not any(everything.train)  # an image's samples all go to one side
     nothing = load_sources(parse_spec(spec), holdout=0.0)
     assert not nothing.heldout and len({s.group for s in nothing.train[0]}) == 1
+
+
+def test_the_held_out_split_does_not_depend_on_the_data_sets_folder():
+    # the split must not move when the same images sit in another folder (or pytest's tmp dir changes)
+    from kosmos2.data.sources import held_out
+
+    names = [f"img{i:03d}.png" for i in range(400)]
+    here = [held_out(f"/data/a/{n}", 0.25) for n in names]
+    there = [held_out(f"/mnt/copy/b/{n}", 0.25) for n in names]
+    assert here == there and 60 < sum(here) < 140  # about a quarter of 400

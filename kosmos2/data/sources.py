@@ -169,10 +169,12 @@ def find_image(root: Path, file_name: str, subdirs: Sequence[str] = ()) -> Path:
 
 
 def held_out(group: str, fraction: float, seed: int = 0) -> bool:
-    """Whether an image belongs to the held-out split: a stable hash of its key, so a rerun picks the same."""
+    """Whether an image belongs to the held-out split: a stable hash of its key's last path component (its
+    file name), so a rerun picks the same split, and so does the same data set copied to another folder."""
     if fraction <= 0:
         return False
-    digest = hashlib.sha256(f"{seed}:{group}".encode()).digest()
+    name = group.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
