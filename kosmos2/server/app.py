@@ -306,6 +306,19 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
             if kind in ("finish", "error"):
                 return
 
+    async def final_result(request: Request, job: Job, events: asyncio.Queue):
+        """Wait for a non-streaming job: (its result, the finish payload), or None when it was cancelled or
+        the client went away."""
+        result = None
+        async for kind, payload in events_of(request, job, events, watch=True):
+            if kind == "error":
+                raise ApiError(500, payload)
+            if kind == "finish":
+                return None if payload["reason"] == "cancelled" else (result, payload)
+            if payload.kind == "done":
+                result = payload.result
+        return None
+
     async def load(data: dict[str, Any], upload: bytes | None) -> Any:
         if upload is not None:
             raw = upload
@@ -386,17 +399,10 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
                 sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
 
-        result = None
-        async for kind, payload in events_of(request, job, events, watch=True):
-            if kind == "error":
-                raise ApiError(500, payload)
-            if kind == "finish":
-                if payload["reason"] == "cancelled":
-                    return Response(status_code=499)
-                return body(result, payload)
-            if payload.kind == "done":
-                result = payload.result
-        return Response(status_code=499)  # the client went away
+        finished = await final_result(request, job, events)
+        if finished is None:
+            return Response(status_code=499)  # cancelled, or the client went away
+        return body(*finished)
 
     def docs(model: type[BaseModel], summary: str) -> dict[str, Any]:
         schema = model.model_json_schema()
@@ -603,39 +609,33 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
                 sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
 
-        result = None
-        async for kind, payload in events_of(request, job, events, watch=True):
-            if kind == "error":
-                raise ApiError(500, payload)
-            if kind == "finish":
-                if payload["reason"] == "cancelled":
-                    return Response(status_code=499)
-                metrics.latency.labels("/v1/chat/completions").observe(time.monotonic() - t0)
-                content, offset = content_of(predictor, prompt, result)
-                message = {
-                    "role": "assistant",
-                    "content": content,
-                    "entities": [_entity(e, offset) for e in result.entities],
-                    "grounded_text": result.text,
+        finished = await final_result(request, job, events)
+        if finished is None:
+            return Response(status_code=499)  # cancelled, or the client went away
+        result, payload = finished
+        metrics.latency.labels("/v1/chat/completions").observe(time.monotonic() - t0)
+        content, offset = content_of(predictor, prompt, result)
+        message = {
+            "role": "assistant",
+            "content": content,
+            "entities": [_entity(e, offset) for e in result.entities],
+            "grounded_text": result.text,
+        }
+        return {
+            "id": cid,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": finish_reason(payload),
                 }
-                return {
-                    "id": cid,
-                    "object": "chat.completion",
-                    "created": int(time.time()),
-                    "model": name,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": message,
-                            "logprobs": None,
-                            "finish_reason": finish_reason(payload),
-                        }
-                    ],
-                    "usage": usage(payload),
-                }
-            if payload.kind == "done":
-                result = payload.result
-        return Response(status_code=499)
+            ],
+            "usage": usage(payload),
+        }
 
     # -- operations and the demo ------------------------------------------------------------------------
 
