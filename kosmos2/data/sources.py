@@ -373,7 +373,17 @@ class Source:
         return self.path if self.path.is_dir() else self.path.parent
 
     def samples(self, report: Report) -> Iterator[Sample]:
-        raise NotImplementedError
+        """The source's grounded samples; each reader (a subclass per format) defines it."""
+        raise NotImplementedError(f"{type(self).__name__} reads no format: use a subclass of Source")
+
+    def referring(
+        self, path: Path, size: tuple[int, int], expression: str, box: Box, where: str
+    ) -> Iterator[Sample]:
+        """The REC and REG samples (those `tasks` asks for) of one referring expression and its box."""
+        if "rec" in self.tasks:
+            yield rec_sample(str(path), size, expression, box, where, str(path))
+        if "reg" in self.tasks:
+            yield reg_sample(str(path), size, expression, box, where, str(path))
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.path}"
@@ -464,10 +474,7 @@ class ReferSource(Source):
                 except BadRecord as e:
                     report.bad(refs_path, f"{where} sent_id {sent.get('sent_id')}", str(e))
                     continue
-                if "rec" in self.tasks:
-                    yield rec_sample(str(path), size, expression, box, where, str(path))
-                if "reg" in self.tasks:
-                    yield reg_sample(str(path), size, expression, box, where, str(path))
+                yield from self.referring(path, size, expression, box, where)
 
 
 class MdetrSource(Source):
@@ -495,10 +502,7 @@ class MdetrSource(Source):
             except BadRecord as e:
                 report.bad(self.path, where, str(e))
                 continue
-            if "rec" in self.tasks:
-                yield rec_sample(str(path), size, expression, box, where, str(path))
-            if "reg" in self.tasks:
-                yield reg_sample(str(path), size, expression, box, where, str(path))
+            yield from self.referring(path, size, expression, box, where)
 
 
 class FlickrSource(Source):
