@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from kosmos2 import grounding
+from kosmos2 import grounding, verify
 from kosmos2.errors import UnsupportedTaskError, UsageError, UserError
 from kosmos2.generate import (
     GenerationConfig,
@@ -66,8 +66,18 @@ BOX_UNITS = ("pixels", "normalized")  # describe_region's units
 # `locate`'s decisions (docs/TRUST.md): fitted for the built-in default model on the synthetic world's
 # calibration split, 500 queries of each kind (`kosmos2 eval synthetic --trust`, best balanced accuracy);
 # recalibrate for another checkpoint and set `predictor.found_threshold` / `ambiguous_threshold`.
+MATCH_THRESHOLD = 0.5  # placeholder, fitted below
+SECOND_MATCH_THRESHOLD = 0.5
 FOUND_THRESHOLD = 0.162  # found when found_score >= this
 AMBIGUOUS_THRESHOLD = 0.099  # ambiguous when found and ambiguity_score >= this
+# the default model's thresholds for each signal locate may decide by (docs/TRUST.md: fitted on the
+# synthetic calibration split); a predictor's found_threshold / ambiguous_threshold override them
+THRESHOLDS = {
+    "exists": FOUND_THRESHOLD,
+    "second_ratio": AMBIGUOUS_THRESHOLD,
+    "match": MATCH_THRESHOLD,
+    "second_match": SECOND_MATCH_THRESHOLD,
+}
 CANDIDATE_BEAMS = 16  # upper-left cells tried by the candidate search (at least 2 x candidates)
 CANDIDATE_IOU = 0.5  # candidates overlapping a better one this much are the same object
 ZOOM_MARGIN = 1.0  # crop margin on each side, a fraction of the box's width / height (docs/TRUST.md)
@@ -200,12 +210,29 @@ class Candidate:
     score: float  # sqrt(p(ul) * p(lr | ul)) after `<object>`, as EntityResult.scores
     logp_ul: float
     logp_lr: float
+    # how well the box fits the expression by the model's own answers about it (kosmos2.verify), for a
+    # model with box questions; None otherwise
+    match: float | None = None
 
 
 def _add_distinct(distinct: list[Candidate], candidate: Candidate) -> None:
     """Append `candidate` unless it overlaps one already there with IoU >= CANDIDATE_IOU (the same object)."""
     if all(grounding.iou(candidate.box, d.box) < CANDIDATE_IOU for d in distinct):
         distinct.append(candidate)
+
+
+def _checked_order(search: list[Candidate], c: Any, W: int, H: int) -> list[Candidate]:
+    """Candidates of a checked expression (kosmos2.verify): its boxes in the check's order (score x
+    location score), then the rest of the search's distinct boxes (match None)."""
+    out: list[Candidate] = []
+    for k in c.order:
+        box, box_score = c.boxes[k], c.box_scores[k]
+        score = math.nan if box_score is None else box_score
+        cand = Candidate(box, grounding.box_to_pixels(box, W, H), score, math.nan, math.nan, c.scores[k])
+        _add_distinct(out, cand)
+    for cand in search:
+        _add_distinct(out, cand)
+    return out
 
 
 @dataclass
@@ -371,8 +398,12 @@ class Predictor:
         decisions."""
         self.model = model.eval()
         self.scores = scores
-        self.found_threshold = FOUND_THRESHOLD
-        self.ambiguous_threshold = AMBIGUOUS_THRESHOLD
+        # None: THRESHOLDS' value for the signal `locate` decides by
+        self.found_threshold: float | None = None
+        self.ambiguous_threshold: float | None = None
+        # questions the model answers about a box, with which `locate` checks its answers (kosmos2.verify);
+        # from_pretrained sets the synthetic world's for a model that states it was trained on them
+        self.box_questions = None
         self.tokenizer = tokenizer
         self.generation = generation or GenerationConfig(
             eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id
@@ -443,6 +474,7 @@ class Predictor:
             model, tokenizer, generation_defaults(directory, tokenizer), batch_size, model_tasks(directory)
         )
         predictor.source = str(directory)
+        predictor.box_questions = _box_questions(tokenizer, predictor.tasks)
         return predictor
 
     @property
@@ -728,6 +760,11 @@ class Predictor:
                 if self.supports("rec_ambiguous")
                 else [None] * len(chunk)
             )
+            checked = (
+                verify.check(self, chunk, embeds, [_question_words(r.prompt, article=False) for r in chunk])
+                if self.box_questions is not None
+                else [None] * len(chunk)
+            )
             for i, r in enumerate(chunk):
                 W, H = r.image_size
                 distinct: list[Candidate] = []
@@ -751,16 +788,25 @@ class Predictor:
                     signals["exists"] = exists[i]
                 if another[i] is not None:
                     signals["another"] = another[i]
-                found_score = signals.get("object" if self.supports("rec_absent") else "exists")
-                ambiguity = signals["another" if self.supports("rec_ambiguous") else "second_ratio"]
-                is_found = None if found_score is None else found_score >= self.found_threshold
+                if checked[i] is not None:
+                    # the answer checked with the model's own answers about boxes (kosmos2.verify)
+                    c = checked[i]
+                    signals["match"], signals["second_match"] = c.found, c.ambiguity
+                    distinct = _checked_order(distinct, c, W, H)
+                    found_name, ambiguity_name = "match", "second_match"
+                else:
+                    found_name = "object" if self.supports("rec_absent") else "exists"
+                    ambiguity_name = "another" if self.supports("rec_ambiguous") else "second_ratio"
+                found_score = signals.get(found_name)
+                ambiguity = signals[ambiguity_name]
+                found_at = self._threshold(self.found_threshold, found_name)
+                ambiguous_at = self._threshold(self.ambiguous_threshold, ambiguity_name)
+                is_found = None if found_score is None else found_score >= found_at
                 chunk[i] = LocateResult(
                     **{f: getattr(r, f) for f in GroundingResult.__dataclass_fields__},
                     expression=_question_words(r.prompt, article=False),
                     found=is_found,
-                    ambiguous=None
-                    if is_found is None
-                    else is_found and ambiguity >= self.ambiguous_threshold,
+                    ambiguous=None if is_found is None else is_found and ambiguity >= ambiguous_at,
                     found_score=found_score,
                     ambiguity_score=ambiguity,
                     candidates=distinct[:candidates],
@@ -827,6 +873,10 @@ class Predictor:
         if isinstance(result, GroundingResult):
             result = _uncrop(result, (left, top), (W, H))
         return ZoomResult(located, (float(left), float(top), float(right), float(bottom)), crop, result)
+
+    @staticmethod
+    def _threshold(chosen: float | None, signal: str) -> float:
+        return THRESHOLDS.get(signal, FOUND_THRESHOLD) if chosen is None else chosen
 
     @torch.no_grad()
     def _exists(self, embeds: torch.Tensor, things: list[str]) -> list[float]:
@@ -997,6 +1047,18 @@ def _check_device(device: torch.device | str) -> None:
         raise UserError(f"device {device!r}: CUDA is not available on this machine; use cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _box_questions(tokenizer: Any, tasks: frozenset[str] | None) -> verify.BoxQuestions | None:
+    """The synthetic world's box questions for a model that states it answers questions about boxes and
+    REC (`kosmos2_tasks`) and whose vocabulary has every answer as one token; None otherwise."""
+    if tasks is None or not {"grounded_vqa", "rec"} <= tasks:
+        return None
+    q = verify.synthetic_questions()
+    words = [w for answers in q.answers.values() for w in answers] + [q.noun]
+    if any(len(tokenizer.encode(w)) != 1 or tokenizer.encode(w)[0] == tokenizer.unk_id for w in words):
+        return None
+    return q
 
 
 def _question_words(prompt: str, article: bool = True) -> str:

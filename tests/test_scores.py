@@ -20,7 +20,7 @@ import torch
 from kosmos2 import grounding
 from kosmos2.eval import metrics
 from kosmos2.generate import location_candidates, token_logprobs
-from kosmos2.predictor import EntityResult, GroundingResult, LocateResult, Predictor
+from kosmos2.predictor import THRESHOLDS, EntityResult, GroundingResult, LocateResult, Predictor
 
 SHAPES = "examples/shapes.png"  # a large blue square, a large orange circle, a large purple diamond
 
@@ -28,6 +28,15 @@ SHAPES = "examples/shapes.png"  # a large blue square, a large orange circle, a 
 @pytest.fixture(scope="module")
 def predictor() -> Predictor:
     return Predictor.from_pretrained()
+
+
+@pytest.fixture(scope="module")
+def unchecked() -> Predictor:
+    """The default model without its box questions: locate's search and question signals alone (what a
+    model without `BoxQuestions`, such as the official weights, gets; the check is tests/test_verify.py)."""
+    p = Predictor.from_pretrained()
+    p.box_questions = None
+    return p
 
 
 def _reference_logp(p: Predictor, image, prompt: str, new_ids: list[int]) -> list[float]:
@@ -122,8 +131,8 @@ def test_location_candidates_match_a_plain_forward_and_the_grid_constraint(predi
     assert [c.logp for c in found[0]] == sorted((c.logp for c in found[0]), reverse=True)
 
 
-def test_locate_keeps_the_greedy_answer_and_its_first_candidate_is_it(predictor):
-    p = predictor
+def test_locate_keeps_the_greedy_answer_and_its_first_candidate_is_it(unchecked):
+    p = unchecked
     r = p.locate(SHAPES, "the large orange circle", candidates=3)
     plain = p.ground(SHAPES, "<grounding><phrase>the large orange circle</phrase>", max_new_tokens=24)
     assert isinstance(r, LocateResult) and r.text == plain.text
@@ -136,18 +145,23 @@ def test_locate_keeps_the_greedy_answer_and_its_first_candidate_is_it(predictor)
     assert r.ambiguity_score == pytest.approx(r.candidates[1].score / r.candidates[0].score)
 
 
-def test_found_score_is_the_yes_share_of_the_exists_question(predictor):
-    p = predictor
+def test_found_score_is_the_yes_share_of_the_exists_question(unchecked):
+    p = unchecked
     r = p.locate(SHAPES, "the orange circle")
     logits = p.logits(SHAPES, "Question: Is there an orange circle? Answer:")[-1]
     yes, no = p.tokenizer.encode("yes")[0], p.tokenizer.encode("no")[0]
     want = torch.sigmoid(logits[yes] - logits[no]).item()  # p(yes) / (p(yes) + p(no))
     assert r.found_score == pytest.approx(want, abs=1e-4)
-    assert r.found is (r.found_score >= p.found_threshold)
+    assert r.found is (r.found_score >= THRESHOLDS["exists"])
+    p.found_threshold = 0.0  # a threshold the user sets wins
+    try:
+        assert p.locate(SHAPES, "the green star").found is True
+    finally:
+        p.found_threshold = None
 
 
-def test_locate_says_not_found_for_what_the_image_lacks(predictor):
-    there, absent = predictor.locate(SHAPES, ["the orange circle", "the green star"])
+def test_locate_says_not_found_for_what_the_image_lacks(unchecked):
+    there, absent = unchecked.locate(SHAPES, ["the orange circle", "the green star"])
     assert there.found is True and absent.found is False and absent.ambiguous is False
     assert absent.box is not None  # the greedy answer is still given; found says not to trust it
 
@@ -321,6 +335,7 @@ def test_a_model_trained_on_absent_and_ambiguous_queries_reads_found_and_ambiguo
     config["kosmos2_tasks"] += ["rec_absent", "rec_ambiguous"]
     (folder / "generation_config.json").write_text(json.dumps(config))
     p, plain = Predictor.from_pretrained(folder), Predictor.from_pretrained()
+    p.box_questions = plain.box_questions = None  # the trained signals, not the box check
     assert p.supports("rec_absent") and not plain.supports("rec_absent")
     prompt = "<grounding><phrase>the large orange circle</phrase>"
     r, before = p.locate(SHAPES, "the large orange circle"), plain.locate(SHAPES, "the large orange circle")
@@ -332,7 +347,7 @@ def test_a_model_trained_on_absent_and_ambiguous_queries_reads_found_and_ambiguo
         == pytest.approx(math.exp(_reference_logp(p, SHAPES, prompt, [obj])[0]), rel=1e-3)
     )
     assert r.signals["exists"] == pytest.approx(before.found_score, abs=1e-6)
-    assert r.found is (r.found_score >= p.found_threshold)
+    assert r.found is (r.found_score >= THRESHOLDS.get("object", THRESHOLDS["exists"]))
     ul, lr = grounding.box_to_tokens(r.candidates[0].box, 32)
     off = p.tokenizer.patch_index_offset
     more, end = (p.tokenizer.token_to_id(t) for t in (grounding.DELIMITER, grounding.OBJECT_END))
