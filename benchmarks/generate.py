@@ -432,7 +432,10 @@ def build_checkpoint(config: Kosmos2Config, directory: Path, seed: int) -> float
     return time.perf_counter() - start
 
 
-DEFAULT_ARMS = "ours:float32,ours:bfloat16,ours:int8,transformers:float32,transformers:bfloat16"
+DEFAULT_ARMS = (
+    "ours:float32,ours:bfloat16,ours:int8,ours:int8-dynamic,transformers:float32,transformers:bfloat16"
+)
+OUR_DTYPES = ("float32", "bfloat16", "int8", "int8-dynamic")
 
 
 def parse_arms(text: str) -> list[tuple[str, str]]:
@@ -441,12 +444,12 @@ def parse_arms(text: str) -> list[tuple[str, str]]:
     for item in text.split(","):
         side, _, dtype = item.strip().partition(":")
         dtype = dtype or "float32"
-        if side not in SIDES or dtype not in ("float32", "bfloat16", "int8") or (side, dtype) in arms:
+        if side not in SIDES or dtype not in OUR_DTYPES or (side, dtype) in arms:
             raise ValueError(
                 f"--arms: {item!r} is not SIDE:DTYPE with SIDE ours|transformers and DTYPE "
-                "float32|bfloat16|int8 (int8: ours only), each once"
+                "float32|bfloat16|int8|int8-dynamic (int8*: ours only), each once"
             )
-        if side == "transformers" and dtype == "int8":
+        if side == "transformers" and dtype.startswith("int8"):
             raise ValueError("--arms: transformers:int8 is not an arm (transformers' int8 needs torchao)")
         arms.append((side, dtype))
     return arms
@@ -634,14 +637,19 @@ def report(r: dict) -> str:
 
     d1 = {k: med(k, "decode", 1) for k in arms}
     targets = [
-        ("batch-1 decode, share of the bound: fp32 / bf16 / int8",
-         f"{share('ours:float32')} / {share('ours:bfloat16')} / {share('ours:int8')}", "each ≥ 85 %"),
+        ("batch-1 decode, share of the bound: fp32 / bf16 / int8 / int8-dynamic",
+         f"{share('ours:float32')} / {share('ours:bfloat16')} / {share('ours:int8')} / "
+         f"{share('ours:int8-dynamic')}", "each ≥ 85 %"),
         ("batch-1 decode, bf16 / our fp32", ratio(d1.get("ours:bfloat16", nan), d1.get("ours:float32", nan)),
          "≥ 1.7"),
         ("batch-1 decode, int8 / our fp32", ratio(d1.get("ours:int8", nan), d1.get("ours:float32", nan)),
          "≥ 3"),
         ("batch-1 decode, int8 / transformers bf16",
          ratio(d1.get("ours:int8", nan), d1.get("transformers:bfloat16", nan)), "≥ 2"),
+        ("batch-1 decode, int8-dynamic / our fp32",
+         ratio(d1.get("ours:int8-dynamic", nan), d1.get("ours:float32", nan)), "≥ 3"),
+        ("batch-1 decode, int8-dynamic / transformers bf16",
+         ratio(d1.get("ours:int8-dynamic", nan), d1.get("transformers:bfloat16", nan)), "≥ 2"),
         ("prefill b1, our bf16 / transformers bf16",
          ratio(med("ours:bfloat16", "prefill_s"), med("transformers:bfloat16", "prefill_s")), "≤ 0.5"),
         ("bf16 decode, batch 8 / batch 1",

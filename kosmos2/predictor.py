@@ -428,8 +428,9 @@ class Predictor:
         """Load a Hugging Face-layout checkpoint directory (weights, config and tokenizer files).
 
         path None: $KOSMOS2_MODEL if set, else the built-in default model shipped with the package.
-        dtype: "float32", "bfloat16" (prepacked linear layers) or "int8" (weight-only, per-channel scales;
-        an int8 checkpoint loads as saved, a float one is quantised on load), or torch.float32 /
+        dtype: "float32", "bfloat16" (prepacked linear layers), "int8" (weight-only, per-channel scales;
+        an int8 checkpoint loads as saved, a float one is quantised on load), "int8-dynamic" (the same int8
+        weights, activations quantised per call: FBGEMM's faster kernel), or torch.float32 /
         torch.bfloat16; None: float32, or int8 for an int8 checkpoint (`kosmos2.quantize`).
         """
         from kosmos2.checkpoint import load_pretrained, quantization_config
@@ -460,9 +461,11 @@ class Predictor:
         _check_device(device)
         stored = "int8" if quantization_config(directory) is not None else "float32"
         name = dtype_name(dtype) or stored
-        if stored == "int8" and name != "int8":
-            raise ValueError(f"{directory} is an int8 checkpoint: load it with dtype='int8', not {name!r}")
-        load_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": None}[name]
+        if stored == "int8" and name not in ("int8", "int8-dynamic"):
+            raise ValueError(
+                f"{directory} is an int8 checkpoint: load it with dtype='int8' or 'int8-dynamic', not {name!r}"
+            )
+        load_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(name)
         model = prepare_model(load_pretrained(directory, dtype=load_dtype, device=device), name)
         tokenizer = Kosmos2Tokenizer.from_pretrained(directory)
         if tokenizer.vocab_size > model.config.text.vocab_size:

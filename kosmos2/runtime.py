@@ -1,7 +1,7 @@
 """How a command runs the model: its dtype and its thread count, with one argparse helper for every command.
 
     from kosmos2 import runtime
-    runtime.add_runtime_arguments(parser)          # --dtype float32|bfloat16|int8 and --threads N
+    runtime.add_runtime_arguments(parser)          # --dtype float32|bfloat16|int8|int8-dynamic, --threads N
     threads = runtime.set_threads(args.threads)    # before the model runs; None picks `default_threads()`
     Predictor.from_pretrained(..., dtype=args.dtype)
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 
-DTYPE_CHOICES = ("float32", "bfloat16", "int8")
+DTYPE_CHOICES = ("float32", "bfloat16", "int8", "int8-dynamic")
 THREADS_ENV = "OMP_NUM_THREADS"
 
 
@@ -93,15 +93,16 @@ def add_runtime_arguments(
 ) -> None:
     """Add `--dtype` and `--threads` to a command's parser (ground, eval, serve, ...), the same everywhere.
 
-    --dtype float32|bfloat16|int8, default `dtype_default` (None: float32, or int8 for a checkpoint saved
+    --dtype float32|bfloat16|int8|int8-dynamic, default `dtype_default` (None: float32, or int8 for a checkpoint saved
     in int8); --threads N, default None (`default_threads()`, chosen when the command starts).
     """
     parser.add_argument(
         "--dtype",
         choices=DTYPE_CHOICES,
         default=dtype_default,
-        help="weights and compute: float32, bfloat16, or int8 weight-only (default: float32, or int8 for an "
-        "int8 checkpoint)",
+        help="weights and compute: float32, bfloat16, int8 weight-only, or int8-dynamic (the same int8 "
+        "weights, activations quantised per call: faster on x86) (default: float32, or int8 for an int8 "
+        "checkpoint)",
     )
     parser.add_argument(
         "--threads",

@@ -57,6 +57,30 @@ def test_int8_linear_equals_float64_product_of_its_dequantized_weight(rows):
     assert (q.dequantized() - layer.weight).abs().max() <= q.weight_scale.float().max() / 2 + 1e-6
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_int8_dynamic_linear_is_the_int8_weight_times_its_input_rounded_to_8_bits(rows):
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48)
+    q = Q.Int8DynamicLinear.from_linear(layer)
+    x = torch.randn(2, rows, 64)
+    out = q(x)
+    assert out.dtype == torch.float32 and out.shape == (2, rows, 48)
+    # the kernel rounds the whole input to one 7-bit grid (zero point and scale from its range, as PyTorch
+    # quantises for FBGEMM): step = (max(x, 0) - min(x, 0)) / 127; so the product equals the float64
+    # product of the dequantised weight and the rounded input, to float32 rounding
+    x2 = x.reshape(-1, 64).double()
+    lo, hi = min(x2.min().item(), 0.0), max(x2.max().item(), 0.0)
+    step = (hi - lo) / 127
+    zero = round(-lo / step)
+    rounded = ((torch.round(x2 / step) + zero).clamp(0, 127) - zero) * step
+    expected = rounded @ q.dequantized().double().T + layer.bias.double()
+    # the scale PyTorch computes is float32, ours float64: allow one input step on a few elements
+    torch.testing.assert_close(out.reshape(-1, 48).double(), expected, rtol=1e-3, atol=step * 0.6)
+    # against the float layer: within the rounding of input and weight
+    rel = (out - layer(x)).norm() / layer(x).norm()
+    assert rel < 0.03
+
+
 def test_int8_rule_keeps_layers_whose_width_the_kernel_gets_wrong():
     model = nn.Module()
     model.text_model = nn.Sequential(nn.Linear(72, 32), nn.Linear(80, 32))
@@ -145,7 +169,14 @@ def test_predictor_dtypes_and_int8_checkpoint(tmp_path):
     assert (
         again.ground(REPO / "examples" / "shapes.png").text == p.ground(REPO / "examples" / "shapes.png").text
     )
-    with pytest.raises(ValueError, match="int8 checkpoint: load it with dtype='int8', not 'float32'"):
+    # the same int8 checkpoint through the dynamic kernel: the same int8 weights, float32 elsewhere
+    dyn = Predictor.from_pretrained(tmp_path, dtype="int8-dynamic")
+    assert dyn.model.inference_dtype == "int8-dynamic"
+    head, saved = dyn.model.text_model.lm_head, again.model.text_model.lm_head
+    assert isinstance(head, Q.Int8DynamicLinear) and torch.equal(head.weight_int8, saved.weight_int8)
+    assert torch.equal(head.weight_scale, saved.weight_scale)
+    assert dyn.model.text_model.model.embed_tokens.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="int8 checkpoint: load it with dtype='int8' or 'int8-dynamic', not"):
         Predictor.from_pretrained(tmp_path, dtype="float32")
     with pytest.raises(ValueError, match="not supported"):
         Predictor.from_pretrained(dtype="int4")
@@ -198,7 +229,7 @@ def world_comparison(out: Path, n_per_task: int) -> dict:
         runs[dtype] = (_headline(result["results"]), {r["id"]: _entities(r) for r in records})
     base, base_entities = runs["float32"]
     report = {"float32": base}
-    for dtype in ("bfloat16", "int8"):
+    for dtype in Q.DTYPES[1:]:
         metrics, entities = runs[dtype]
         same = sum(entities[k] == v for k, v in base_entities.items()) / len(base_entities)
         report[dtype] = {**metrics, "same entities": same, "queries": len(base_entities)}
@@ -207,7 +238,7 @@ def world_comparison(out: Path, n_per_task: int) -> dict:
 
 def _check_world(report: dict) -> None:
     base = report["float32"]
-    for dtype in ("bfloat16", "int8"):
+    for dtype in Q.DTYPES[1:]:
         r = report[dtype]
         for key, value in base.items():
             assert abs(r[key] - value) <= 0.01, f"{dtype} {key}: {r[key]:.3f} against float32 {value:.3f}"
@@ -261,7 +292,7 @@ def random_weight_comparison(config: Kosmos2Config, tmp: Path, new_tokens: int =
         del model
     f_logits, f_tokens = out["float32"]
     report = {}
-    for dtype in ("bfloat16", "int8"):
+    for dtype in Q.DTYPES[1:]:
         logits, tokens = out[dtype]
         last = T - 1
         rel = float((logits[last] - f_logits[last]).norm() / f_logits[last].norm())
