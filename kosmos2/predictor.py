@@ -463,7 +463,8 @@ class Predictor:
         name = dtype_name(dtype) or stored
         if stored == "int8" and name not in ("int8", "int8-dynamic"):
             raise ValueError(
-                f"{directory} is an int8 checkpoint: load it with dtype='int8' or 'int8-dynamic', not {name!r}"
+                f"{directory} is an int8 checkpoint: load it with dtype='int8' or 'int8-dynamic', "
+                f"not {name!r}"
             )
         load_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(name)
         model = prepare_model(load_pretrained(directory, dtype=load_dtype, device=device), name)

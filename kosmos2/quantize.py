@@ -141,8 +141,8 @@ class Int8Linear(nn.Module):
 
 
 class Int8DynamicLinear(Int8Linear):
-    """The same int8 weights, scales and checkpoint layout as `Int8Linear`, multiplied by PyTorch's dynamically
-    quantised linear (`quantized::linear_dynamic`, FBGEMM on x86): each call quantises its float32 input to
+    """The same int8 weights, scales and checkpoint layout as `Int8Linear`, multiplied by PyTorch's
+    dynamically quantised linear (`quantized::linear_dynamic`, FBGEMM on x86): each call quantises its float32 input to
     8 bits (one scale and zero point per call, the input range reduced to 7 bits as PyTorch does for FBGEMM)
     and accumulates int8 x int8 in int32. Not weight-only: the activations are rounded too (about 1.5-2 %
     relative error per layer on the benchmark's random weights against 0.9 % for `Int8Linear`), for FBGEMM's
@@ -319,7 +319,8 @@ def prepare_model(model: nn.Module, dtype: str | torch.dtype) -> nn.Module:
     has_int8 = bool(quantized_modules(model))
     if has_int8 and name not in INT8_DTYPES:
         raise ValueError(
-            f"this model holds int8 layers (an int8 checkpoint); use dtype 'int8' or 'int8-dynamic', not {name!r}"
+            f"this model holds int8 layers (an int8 checkpoint); use dtype 'int8' or 'int8-dynamic', "
+            f"not {name!r}"
         )
     skipped: list[str] = []
     if name == "float32":
