@@ -94,7 +94,8 @@ def add_runtime_arguments(
     """Add `--dtype` and `--threads` to a command's parser (ground, eval, serve, ...), the same everywhere.
 
     --dtype float32|bfloat16|int8|int8-dynamic, default `dtype_default` (None: float32, or int8 for a
-    checkpoint saved in int8); --threads N, default None (`default_threads()`, chosen when the command starts).
+    checkpoint saved in int8); --threads N, default None (`default_threads()`, chosen when the command
+    starts).
     """
     parser.add_argument(
         "--dtype",
