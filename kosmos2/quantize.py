@@ -142,11 +142,11 @@ class Int8Linear(nn.Module):
 
 class Int8DynamicLinear(Int8Linear):
     """The same int8 weights, scales and checkpoint layout as `Int8Linear`, multiplied by PyTorch's
-    dynamically quantised linear (`quantized::linear_dynamic`, FBGEMM on x86): each call quantises its
-    float32 input to 8 bits (one scale and zero point per call, the input range reduced to 7 bits as PyTorch does for FBGEMM)
-    and accumulates int8 x int8 in int32. Not weight-only: the activations are rounded too (about 1.5-2 %
-    relative error per layer on the benchmark's random weights against 0.9 % for `Int8Linear`), for FBGEMM's
-    vectorised kernel, 3-7x faster per layer at batch 1 than `torch._weight_int8pack_mm` here
+    dynamically quantised linear (`quantized::linear_dynamic`, FBGEMM on x86): each call rounds its float32
+    input to one 7-bit grid (a scale and zero point from the input's range, the range reduced to 7 bits as
+    PyTorch does for FBGEMM) and accumulates int8 x int8 in int32. Not weight-only: the activations are
+    rounded too (1.5-2 % relative error per full-size layer against 0.9 % for `Int8Linear`), for FBGEMM's
+    vectorised kernel, 3-7x faster per layer at batch 1 than `torch._weight_int8pack_mm` on our CPU
     (benchmarks/README.md). Float32 in and out; the bias is float32.
     """
 
