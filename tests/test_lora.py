@@ -64,6 +64,9 @@ def test_target_regex_picks_the_same_layers_in_both_namings():
     assert re.fullmatch(pattern, "text_model.model.layers.3.self_attn.q_proj")
     assert re.fullmatch(pattern, "text_model.model.layers.0.ffn.fc2")
     assert re.fullmatch(pattern, "image_to_text_projection.x_attn.out_proj")
+    assert re.fullmatch(pattern, "image_to_text_projection.dense")  # the connector's projection, with mlp
+    assert not re.fullmatch(target_regex(("text", "connector")), "image_to_text_projection.dense")
+    assert not re.fullmatch(target_regex(("text",), mlp=True), "image_to_text_projection.dense")
     assert not re.fullmatch(pattern, "vision_model.model.encoder.layers.0.self_attn.k_proj")
     assert not re.fullmatch(target_regex(), "text_model.model.layers.0.ffn.fc1")  # fc1/fc2 only with mlp
 

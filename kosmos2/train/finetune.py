@@ -353,7 +353,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         field = RENAMED.get(flag, flag)
         p.add_argument("--" + flag.replace("_", "-"), dest=field, type=kind, default=getattr(d, field))
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights")
-    p.add_argument("--lora-mlp", action="store_true", help="LoRA on fc1/fc2 too")
+    p.add_argument(
+        "--lora-mlp", action="store_true", help="LoRA on fc1/fc2 and the connector's dense projection too"
+    )
     p.add_argument(
         "--save-adapter", action="store_true", help="write peft's adapter files instead of merging"
     )

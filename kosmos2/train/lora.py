@@ -22,11 +22,15 @@ PARTS = {"text": "text_model", "vision": "vision_model", "connector": "image_to_
 
 
 def target_regex(parts: tuple[str, ...] = ("text", "vision", "connector"), mlp: bool = False) -> str:
-    """peft `target_modules` (a full-match regex): the attention projections (and fc1/fc2 with `mlp`) of
-    the given parts of the network. The connector has no MLP."""
+    """peft `target_modules` (a full-match regex): the attention projections (and with `mlp` fc1/fc2, and
+    the connector's `dense` projection from image features to the decoder's width, its one MLP-like layer)
+    of the given parts of the network."""
     prefixes = "|".join(PARTS[p] for p in parts)
     layers = "|".join(ATTENTION + (MLP if mlp else ()))
-    return rf"({prefixes})\..*\.({layers})"
+    pattern = rf"({prefixes})\..*\.({layers})"
+    if mlp and "connector" in parts:
+        pattern = rf"{pattern}|{PARTS['connector']}\.dense"
+    return pattern
 
 
 def add_lora(
