@@ -66,8 +66,9 @@ BOX_UNITS = ("pixels", "normalized")  # describe_region's units
 # `locate`'s decisions (docs/TRUST.md): fitted for the built-in default model on the synthetic world's
 # calibration split, 500 queries of each kind (`kosmos2 eval synthetic --trust`, best balanced accuracy);
 # recalibrate for another checkpoint and set `predictor.found_threshold` / `ambiguous_threshold`.
-MATCH_THRESHOLD = 0.5  # placeholder, fitted below
-SECOND_MATCH_THRESHOLD = 0.5
+# fitted on the calibration split, 500 queries a kind (`kosmos2 eval synthetic --trust`; docs/TRUST.md)
+MATCH_THRESHOLD = 0.2713  # found when the best candidate's match >= this
+SECOND_MATCH_THRESHOLD = 0.4671  # ambiguous when found and the second best's match >= this
 FOUND_THRESHOLD = 0.162  # found when found_score >= this
 AMBIGUOUS_THRESHOLD = 0.099  # ambiguous when found and ambiguity_score >= this
 # the default model's thresholds for each signal locate may decide by (docs/TRUST.md: fitted on the
@@ -715,7 +716,12 @@ class Predictor:
         return self._run(images, prompt, {"max_new_tokens": 128} if detailed else {}, options)
 
     def locate(
-        self, images: Any, expressions: str | Sequence[str], candidates: int = 2, **options: Any
+        self,
+        images: Any,
+        expressions: str | Sequence[str],
+        candidates: int = 2,
+        check: bool = True,
+        **options: Any,
     ) -> LocateResult | list[LocateResult]:
         """Referring expression comprehension: `<grounding><phrase>{expression}</phrase>`; the answer is the
         first generated box (`result.box`, `result.boxes_for(expression)[0]`), greedy as before.
@@ -725,6 +731,12 @@ class Predictor:
         the likeliest upper-left cells, each completed by its likeliest valid lower-right cell). Costs, per
         batch, one pass to score the answer, one prefill + one step for the candidates and one prefill for
         the found question. How each score is computed: docs/TRUST.md.
+
+        check: for a model with box questions (`self.box_questions`: the built-in default model) and an
+        expression made of their answers, check the answer and find the other objects the expression may
+        mean with the model's own answers about boxes (`kosmos2.verify`): `found` and `ambiguous` then read
+        `signals["match"]` / `signals["second_match"]` and the candidates come in the check's order. It
+        costs a few short REC decodes and one prefill per (box, question): about 3x a plain `locate` call.
         """
         self.check_task("rec")
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
@@ -766,7 +778,7 @@ class Predictor:
             )
             checked = (
                 verify.check(self, chunk, embeds, [_question_words(r.prompt, article=False) for r in chunk])
-                if self.box_questions is not None
+                if check and self.box_questions is not None
                 else [None] * len(chunk)
             )
             for i, r in enumerate(chunk):

@@ -177,3 +177,9 @@ def test_found_and_ambiguous_agree_with_the_ground_truth_on_test_scenes(predicto
     # 16 queries of each kind; the full measurement (500 a kind) is in docs/TRUST.md
     assert right["rec"] >= 14 and right["rec_absent"] >= 15 and right["rec_ambiguous"] >= 13, right
     assert covered >= 13
+
+
+def test_check_false_gives_the_unchecked_signals(predictor):
+    r = predictor.locate(SHAPES, "the orange circle", check=False)
+    assert "match" not in r.signals and r.found_score == r.signals["exists"]
+    assert r.candidates[0].box == r.box and r.candidates[0].match is None
