@@ -16,6 +16,11 @@ What each dtype runs (benchmarks/README.md has the measurements behind each choi
   encoder and the connector run once per image over hundreds of rows, where the int8 kernel (a loop over
   rows) is slower than bf16 products, and the token embedding is read one row per token. torchao 0.18's
   `Int8WeightOnlyConfig` ran a dequantising fallback on this CPU, 60x slower (shared/DEPS.md).
+- int8-dynamic: the same int8 weights and scales (the same checkpoint layout: an int8 checkpoint loads as
+  either) in `Int8DynamicLinear`, run by PyTorch's dynamically quantised linear (FBGEMM): each call rounds
+  its float32 input to 8 bits, so it is not weight-only, and multiplies int8 by int8. Everything else is
+  float32. Its kernel is 3-7x faster per layer at batch 1 than `_weight_int8pack_mm` on our CPU, and it
+  handles many rows well, for about twice the per-layer error (benchmarks/README.md).
 
 The int8 rule per layer (`int8_supported`): the layer's input width must be a multiple of 16. On our CPU
 `torch._weight_int8pack_mm` returned wrong values for other widths (72: inf; 33, 50: NaN) and crashed for 8,
