@@ -65,14 +65,16 @@ def test_int8_dynamic_linear_is_the_int8_weight_times_its_input_rounded_to_8_bit
     x = torch.randn(2, rows, 64)
     out = q(x)
     assert out.dtype == torch.float32 and out.shape == (2, rows, 48)
-    # the kernel rounds the whole input to one 7-bit grid (zero point and scale from its range, as PyTorch
-    # quantises for FBGEMM): step = (max(x, 0) - min(x, 0)) / 127; so the product equals the float64
-    # product of the dequantised weight and the rounded input, to float32 rounding
+    # the kernel rounds the whole input to one grid of 2^bits - 1 steps (8 bits with VNNI, else 7, as
+    # PyTorch quantises for FBGEMM; zero point and scale from the input's range): step = (max(x, 0) -
+    # min(x, 0)) / levels; so the product equals the float64 product of the dequantised weight and the
+    # rounded input, to float32 rounding
+    levels = 127 if Q.reduce_range() else 255
     x2 = x.reshape(-1, 64).double()
     lo, hi = min(x2.min().item(), 0.0), max(x2.max().item(), 0.0)
-    step = (hi - lo) / 127
+    step = (hi - lo) / levels
     zero = round(-lo / step)
-    rounded = ((torch.round(x2 / step) + zero).clamp(0, 127) - zero) * step
+    rounded = ((torch.round(x2 / step) + zero).clamp(0, levels) - zero) * step
     expected = rounded @ q.dequantized().double().T + layer.bias.double()
     # the scale PyTorch computes is float32, ours float64: allow one input step on a few elements
     torch.testing.assert_close(out.reshape(-1, 48).double(), expected, rtol=1e-3, atol=step * 0.6)
