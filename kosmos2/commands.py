@@ -711,6 +711,10 @@ def _format(path: str, r: Any) -> str:
             f"  found {r.found} (score {r.found_score:.2f}), ambiguous {r.ambiguous} "
             f"(score {r.ambiguity_score:.2f}), {len(r.candidates)} candidate(s)"
         )
+        for c in r.candidates:  # what to ask about when ambiguous, best first
+            match = "" if getattr(c, "match", None) is None else f" match {c.match:.2f}"
+            box = ", ".join(f"{v:.0f}" for v in c.pixel_box)
+            lines.append(f"    candidate ({box}) score {c.score:.2f}{match}")
     return "\n".join(lines)
 
 

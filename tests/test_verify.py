@@ -183,3 +183,13 @@ def test_check_false_gives_the_unchecked_signals(predictor):
     r = predictor.locate(SHAPES, "the orange circle", check=False)
     assert "match" not in r.signals and r.found_score == r.signals["exists"]
     assert r.candidates[0].box == r.box and r.candidates[0].match is None
+
+
+def test_ground_locate_prints_the_candidates_with_their_match(capsys):
+    from kosmos2.cli import main
+
+    assert main(["ground", SHAPES, "--locate", "the large object", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "found True" in lines[2] and "ambiguous True" in lines[2]
+    candidates = [line for line in lines if line.startswith("    candidate (")]
+    assert len(candidates) == 2 and all(" match " in line for line in candidates)
