@@ -66,16 +66,18 @@ BOX_UNITS = ("pixels", "normalized")  # describe_region's units
 # `locate`'s decisions (docs/TRUST.md): fitted for the built-in default model on the synthetic world's
 # calibration split, 500 queries of each kind (`kosmos2 eval synthetic --trust`, best balanced accuracy);
 # recalibrate for another checkpoint and set `predictor.found_threshold` / `ambiguous_threshold`.
-# fitted on the calibration split, 500 queries a kind (`kosmos2 eval synthetic --trust`; docs/TRUST.md)
 MATCH_THRESHOLD = 0.2713  # found when the best candidate's match >= this
 SECOND_MATCH_THRESHOLD = 0.4671  # ambiguous when found and the second best's match >= this
 FOUND_THRESHOLD = 0.162  # found when found_score >= this
 AMBIGUOUS_THRESHOLD = 0.099  # ambiguous when found and ambiguity_score >= this
-# the default model's thresholds for each signal locate may decide by (docs/TRUST.md: fitted on the
-# synthetic calibration split); a predictor's found_threshold / ambiguous_threshold override them
+# the threshold of each signal locate may decide by; a predictor's found_threshold / ambiguous_threshold
+# override them. "object" / "another" (models trained on absent / ambiguous queries) have none fitted of
+# their own: they share the found / ambiguous thresholds of the question signals
 THRESHOLDS = {
     "exists": FOUND_THRESHOLD,
+    "object": FOUND_THRESHOLD,
     "second_ratio": AMBIGUOUS_THRESHOLD,
+    "another": AMBIGUOUS_THRESHOLD,
     "match": MATCH_THRESHOLD,
     "second_match": SECOND_MATCH_THRESHOLD,
 }
@@ -892,7 +894,7 @@ class Predictor:
 
     @staticmethod
     def _threshold(chosen: float | None, signal: str) -> float:
-        return THRESHOLDS.get(signal, FOUND_THRESHOLD) if chosen is None else chosen
+        return THRESHOLDS[signal] if chosen is None else chosen
 
     @torch.no_grad()
     def _exists(self, embeds: torch.Tensor, things: list[str]) -> list[float]:
@@ -1071,8 +1073,10 @@ def _box_questions(tokenizer: Any, tasks: frozenset[str] | None) -> verify.BoxQu
     if tasks is None or not {"grounded_vqa", "rec"} <= tasks:
         return None
     q = verify.synthetic_questions()
-    words = [w for answers in q.answers.values() for w in answers] + [q.noun]
-    if any(len(tokenizer.encode(w)) != 1 or tokenizer.encode(w)[0] == tokenizer.unk_id for w in words):
+    pieces = [tokenizer.encode(w) for answers in q.answers.values() for w in answers] + [
+        tokenizer.encode(q.noun)
+    ]
+    if any(len(p) != 1 or p[0] == tokenizer.unk_id for p in pieces):
         return None
     return q
 

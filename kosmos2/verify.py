@@ -25,13 +25,14 @@ candidate's score then follows the qualifier:
     relation   match(box) * max over landmark proposals L (not the same object) of match(L) where
                "box rel L" holds (centre gap >= RELATION_GAP * the mean of the two sides on that axis)
 `found` = the best candidate's score; `ambiguity` = the second best's (0 with one candidate).
-Geometry is in normalised coordinates. Everything here but `BoxQuestions.from_tokenizer` is torch-free.
+Geometry is in normalised coordinates. Everything here but `check` (the model calls) is torch-free.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from kosmos2 import grounding
 
@@ -163,12 +164,15 @@ def _extreme_key(box: Sequence[float], where: str) -> float:
     return {"on the left": x, "on the right": -x, "at the top": y, "at the bottom": -y}[where]
 
 
-def distinct(boxes: Sequence[grounding.Box]) -> list[grounding.Box]:
-    """The boxes in order, dropping any that overlaps an earlier one with IoU >= SAME_OBJECT_IOU."""
-    out: list[grounding.Box] = []
-    for b in boxes:
-        if all(grounding.iou(b, o) < SAME_OBJECT_IOU for o in out):
-            out.append(b)
+T = TypeVar("T")
+
+
+def distinct(items: Sequence[T], box: Callable[[T], grounding.Box]) -> list[T]:
+    """The items in order, dropping any whose box overlaps an earlier one's with IoU >= SAME_OBJECT_IOU."""
+    out: list[T] = []
+    for item in items:
+        if all(grounding.iou(box(item), box(o)) < SAME_OBJECT_IOU for o in out):
+            out.append(item)
     return out
 
 
@@ -179,11 +183,14 @@ class Checked:
 
     boxes: list[grounding.Box] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
-    matches: list[float] = field(default_factory=list)  # match(box) of the head description
     box_scores: list[float | None] = field(default_factory=list)  # each box's location score, if known
-    # the order to offer the boxes in: by score x location score (a partial box of a matching object
-    # matches as well as the whole one; the model's location tokens are less sure of it)
-    order: list[int] = field(default_factory=list)
+
+    @property
+    def order(self) -> list[int]:
+        """The order to offer the boxes in: by score x location score (a partial box of a matching object
+        matches as well as the whole one; the model's location tokens are less sure of it)."""
+        known = self.box_scores or [None] * len(self.boxes)
+        return sorted(range(len(self.boxes)), key=lambda k: -self.scores[k] * (known[k] or 1.0))
 
     @property
     def found(self) -> float:
@@ -218,7 +225,7 @@ def combine(
             ]
             scores[i] = m * max(support, default=0.0)
     order = sorted(range(len(head)), key=lambda i: -scores[i])
-    return Checked([head[i][0] for i in order], [scores[i] for i in order], [head[i][1] for i in order])
+    return Checked([head[i][0] for i in order], [scores[i] for i in order])
 
 
 # -- the model calls (Predictor.locate) ------------------------------------------------------------------
@@ -267,11 +274,7 @@ def check(predictor, results: Sequence, embeds, expressions: Sequence[str]) -> l
                     s = ent.scores[k] if ent.scores and k < len(ent.scores) else None
                     proposals.setdefault((i, d), []).append((box, s))
     for key, found in proposals.items():
-        kept: list[tuple[grounding.Box, float | None]] = []
-        for box, s in found:
-            if all(grounding.iou(box, b) < SAME_OBJECT_IOU for b, _ in kept):
-                kept.append((box, s))
-        proposals[key] = kept
+        proposals[key] = distinct(found, box=lambda proposal: proposal[0])
     # 2. match(box): p(named answer | box, question), the smallest over the named attributes
     asks = [(key, j, kind, value) for key, found in proposals.items() for j in range(len(found))
             for kind, value in key[1].attributes]  # fmt: skip
@@ -308,6 +311,5 @@ def check(predictor, results: Sequence, embeds, expressions: Sequence[str]) -> l
         c = combine(e, head, landmark)
         box_scores = {tuple(b): s for b, s in proposals[(i, e.head)]}
         c.box_scores = [box_scores.get(tuple(b)) for b in c.boxes]
-        c.order = sorted(range(len(c.boxes)), key=lambda k: -c.scores[k] * (c.box_scores[k] or 1.0))
         out.append(c)
     return out

@@ -347,7 +347,7 @@ def test_a_model_trained_on_absent_and_ambiguous_queries_reads_found_and_ambiguo
         == pytest.approx(math.exp(_reference_logp(p, SHAPES, prompt, [obj])[0]), rel=1e-3)
     )
     assert r.signals["exists"] == pytest.approx(before.found_score, abs=1e-6)
-    assert r.found is (r.found_score >= THRESHOLDS.get("object", THRESHOLDS["exists"]))
+    assert r.found is (r.found_score >= THRESHOLDS["object"])
     ul, lr = grounding.box_to_tokens(r.candidates[0].box, 32)
     off = p.tokenizer.patch_index_offset
     more, end = (p.tokenizer.token_to_id(t) for t in (grounding.DELIMITER, grounding.OBJECT_END))
@@ -355,5 +355,8 @@ def test_a_model_trained_on_absent_and_ambiguous_queries_reads_found_and_ambiguo
     ref_end = _reference_logp(p, SHAPES, prompt, [obj, off + ul, off + lr, end])[-1]
     want = math.exp(ref) / (math.exp(ref) + math.exp(ref_end))
     assert r.ambiguity_score == r.signals["another"] == pytest.approx(want, abs=1e-4)
+    # its decision uses the ambiguous threshold, as "second_ratio" does
+    assert THRESHOLDS["another"] == THRESHOLDS["second_ratio"]
+    assert r.ambiguous is (r.found and r.ambiguity_score >= THRESHOLDS["another"])
     assert r.signals["second_ratio"] == pytest.approx(before.ambiguity_score)
     assert "another" not in before.signals and before.found_score == before.signals["exists"]
