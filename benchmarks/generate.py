@@ -77,6 +77,17 @@ def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> dict[str, float]
     }
 
 
+def best_seconds(call, repeats: int) -> float:
+    """The fastest of `repeats` timed calls, after one untimed warm-up call."""
+    call()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def gemm_rate(repeats: int = 10) -> dict[str, float]:
     """The best multiply-add rate (FLOP/s) of a prompt-sized product, 71 x 2048 -> 8192 (a decoder fc1 at
     prefill), with torch's current threads: float32 through oneDNN on the plain weight, bfloat16 on the
@@ -89,16 +100,7 @@ def gemm_rate(repeats: int = 10) -> dict[str, float]:
     if packing_available():
         xb, packed = x.bfloat16(), torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), 1)
         calls["bfloat16"] = lambda: torch.ops.mkldnn._linear_pointwise(xb, packed, None, "none", [], "")
-    rates = {}
-    for name, call in calls.items():
-        call()
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            call()
-            best = min(best, time.perf_counter() - start)
-        rates[name] = flops / best
-    return rates
+    return {name: flops / best_seconds(call, repeats) for name, call in calls.items()}
 
 
 def prefill_flops(config: Kosmos2Config, prompt_length: int) -> float:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,20 +23,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from generate import best_seconds  # noqa: E402  (benchmarks/generate.py, beside this script)
+
 from kosmos2 import quantize as Q  # noqa: E402
 from kosmos2.generate import onednn_linear  # noqa: E402
 
 PRODUCTS = [(1, 2048, 8192), (1, 8192, 2048), (1, 2048, 65037), (8, 2048, 8192), (71, 2048, 8192)]
-
-
-def best_ms(fn, calls: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1000
 
 
 def kernels(layer: nn.Linear) -> dict[str, tuple[nn.Module, torch.dtype, int]]:
@@ -79,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, (module, dtype, nbytes) in kernels(layer).items():
             xin = x.to(dtype)
             with onednn_linear(dtype == torch.float32 and isinstance(module, nn.Linear)):
-                ms = best_ms(lambda module=module, xin=xin: module(xin), args.calls)
+                ms = 1000 * best_seconds(lambda module=module, xin=xin: module(xin), args.calls)
                 y = module(xin).double()
             rel = float((y - ref).norm() / ref.norm())
             cells[name] = f"{ms:.2f} ms ({nbytes / ms / 1e6:.0f} GB/s, err {rel:.4f})"
