@@ -29,6 +29,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from kosmos2.model import Kosmos2, make_positions
@@ -143,6 +144,36 @@ def _float32(model: Kosmos2) -> bool:
     return model.text_model.model.embed_tokens.weight.dtype == torch.float32
 
 
+def _float32_text(model: Kosmos2) -> bool:
+    """Whether the decoder's linear layers are float32 `nn.Linear`s (float32 models), which `onednn_linear`
+    reroutes. int8-dynamic models compute in float32 too, but their decoder layers are int8 modules: the
+    mode would only add its Python dispatch to every operator of the step (~10 % of an int8-dynamic decoding
+    step at full size, benchmarks/decode_step.py)."""
+    head = model.text_model.lm_head
+    return type(head) is torch.nn.Linear and head.weight.dtype == torch.float32
+
+
+@contextmanager
+def text_kernels(model: Kosmos2, decode: bool = False) -> Iterator[None]:
+    """The kernels of a decoder call: float32 linear layers through oneDNN (`onednn_linear`); with `decode`
+    (one new token per row) and a bfloat16 KV cache, attention through SDPA's math backend.
+
+    Why the math backend (benchmarks/README.md, "Decoding step"): for one query over a bfloat16 cache,
+    PyTorch's CPU flash-attention kernel took 215 us per layer over 111 keys and 549 us over 300 (2
+    threads), the math backend 131 and 223, at the same error against float64. For float32 caches flash is
+    the faster one and stays. The backend choice is process-wide in PyTorch
+    (`torch.nn.attention.sdpa_kernel`): a prefill running at the same moment in another thread would take
+    the math backend too (the same results, slower).
+    """
+    bf16_cache = decode and model.text_model.model.embed_tokens.weight.dtype == torch.bfloat16
+    with onednn_linear(_float32_text(model)):
+        if not bf16_cache:
+            yield
+            return
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+
+
 @torch.no_grad()
 def encode_images(model: Kosmos2, pixel_values: Tensor) -> Tensor:
     """`model.encode_image` ([B,3,H,W] -> [B, 64, C]) with the linear layers of `onednn_linear`."""
@@ -171,7 +202,7 @@ def prefill(
     # pad tokens are exactly the attention_mask zeros here: positions from the ids equal those from the mask
     positions = make_positions(input_ids.masked_fill(attention_mask == 0, model.config.text.pad_token_id))
     positions = positions.masked_fill(attention_mask == 0, 1)
-    with onednn_linear(_float32(model)):
+    with text_kernels(model):
         logits = model.forward_cached(
             input_ids,
             torch.arange(T, device=input_ids.device),
@@ -188,7 +219,7 @@ def prefill(
 def decode_one_token(model: Kosmos2, token: Tensor, slot: int, positions: Tensor) -> Tensor:
     """token [B,1] at cache slot `slot` with positions [B,1] -> next-token logits [B,V]."""
     input_pos = torch.tensor([slot], device=token.device)
-    with onednn_linear(_float32(model)):
+    with text_kernels(model, decode=True):
         return model.forward_cached(token, input_pos, positions)[:, -1].float()
 
 
@@ -490,7 +521,7 @@ def token_logprobs(
     positions = make_positions(ids.masked_fill(mask == 0, pad), pad).masked_fill(mask == 0, 1)
     if image_mask is not None:
         image_mask = torch.cat([image_mask, torch.zeros_like(tail, dtype=torch.bool)], dim=1)
-    with onednn_linear(_float32(model)):
+    with text_kernels(model):
         logits, _ = model(
             ids, image_embeds=image_embeds, image_mask=image_mask, attention_mask=mask, positions=positions
         )
@@ -547,7 +578,7 @@ def location_candidates(
     positions = make_positions(ids.masked_fill(mask == 0, model.config.text.pad_token_id))
     positions = positions.masked_fill(mask == 0, 1)
     try:
-        with onednn_linear(_float32(model)):
+        with text_kernels(model):
             h = model.forward_cached(
                 ids, torch.arange(T + 1, device=ids.device), positions, mask, image_embeds, image_mask
             )
@@ -561,7 +592,7 @@ def location_candidates(
         model.reorder_cache(expand)
         step_pos = positions[:, -1:].index_select(0, expand) + 1
         ul_tokens = (top_ul.reshape(-1, 1) + location_offset).to(ids.dtype)
-        with onednn_linear(_float32(model)):
+        with text_kernels(model, decode=True):
             lr_logits = model.forward_cached(ul_tokens, torch.tensor([T + 1], device=ids.device), step_pos)
         lr_logp = torch.log_softmax(lr_logits[:, -1].float(), dim=-1)[
             :, location_offset : location_offset + cells

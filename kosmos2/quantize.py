@@ -17,8 +17,9 @@ What each dtype runs (benchmarks/README.md has the measurements behind each choi
   rows) is slower than bf16 products, and the token embedding is read one row per token. torchao 0.18's
   `Int8WeightOnlyConfig` ran a dequantising fallback on this CPU, 60x slower (shared/DEPS.md).
 - int8-dynamic: the same int8 weights and scales (the same checkpoint layout: an int8 checkpoint loads as
-  either) in `Int8DynamicLinear`, run by PyTorch's dynamically quantised linear (FBGEMM): each call rounds
-  its float32 input to 8 bits, so it is not weight-only, and multiplies int8 by int8. Everything else is
+  either) in `Int8DynamicLinear`, run by PyTorch's dynamically quantised linear (FBGEMM): each row of the
+  float32 input is rounded to 8 bits on its own grid, so it is not weight-only, and int8 multiplies int8;
+  a row's output does not depend on the other rows of the call. Everything else is
   float32. Its kernel is 3-7x faster per layer at batch 1 than `_weight_int8pack_mm` on our CPU, and it
   handles many rows well, for about twice the per-layer error (benchmarks/README.md).
 
@@ -148,14 +149,20 @@ class Int8Linear(nn.Module):
 
 class Int8DynamicLinear(Int8Linear):
     """The same int8 weights, scales and checkpoint layout as `Int8Linear`, multiplied by PyTorch's
-    dynamically quantised linear (`quantized::linear_dynamic`, FBGEMM on x86): each call rounds its float32
-    input to one 8-bit grid (a scale and zero point from the input's range) and accumulates int8 x int8 in
-    int32. On a CPU without VNNI FBGEMM's 8-bit products can saturate 16-bit sums, so there the grid is 7
-    bits (`reduce_range`, PyTorch's own default for FBGEMM); with VNNI (our Zen 4) it is 8, which halves the
-    rounding at the same speed. Not weight-only: the activations are rounded too (0.8 % relative error per
-    full-size layer with 8 bits, 1.5 % with 7, against the weight rounding's 0.9 % alone), for FBGEMM's
-    vectorised kernel, 3-7x faster per layer at batch 1 than `torch._weight_int8pack_mm` on our CPU
-    (benchmarks/README.md). Float32 in and out; the bias is float32.
+    dynamically quantised linear (`quantized::linear_dynamic`, FBGEMM on x86), which accumulates int8 x int8
+    in int32. Not weight-only: the activations are rounded to 8 bits too, for FBGEMM's vectorised kernel,
+    3-7x faster per layer at batch 1 than `torch._weight_int8pack_mm` on our CPU (benchmarks/README.md).
+    Float32 in and out; the bias is added in float32 after the product.
+
+    One grid per row. FBGEMM rounds its whole input to one grid, from the input's min and max: a row's
+    result would depend on the other rows of the call (a prompt's other tokens at prefill, other requests in
+    a batch), so prefill and batched decoding would not give what decoding the row alone gives. Here each row
+    is divided by its largest |value| and one extra row (1, -1, 0, ...) pins the call's range to [-1, 1], so
+    every row is rounded on its own symmetric grid (step 2 max|x_row| / levels), whatever else is in the
+    call; the output row is multiplied back. Integer products are exact, so a row's output is bit for bit
+    the same alone or in any batch (tests/test_quantize.py). levels = 255 with VNNI (our Zen 4); on a CPU
+    without VNNI FBGEMM's 8-bit products can saturate 16-bit sums, so there it is 127 (`reduce_range`,
+    PyTorch's own default for FBGEMM).
     """
 
     def _packed(self):
@@ -167,19 +174,25 @@ class Int8DynamicLinear(Int8Linear):
                 w = torch._make_per_channel_quantized_tensor(
                     self.weight_int8, self.weight_scale.double(), zero, 0
                 )
-            bias = None if self.bias is None else self.bias.float()
-            packed = torch.ops.quantized.linear_prepack(w, bias)
+            range_row = torch.zeros(1, self.in_features)
+            range_row[0, 0], range_row[0, min(1, self.in_features - 1)] = 1.0, -1.0
+            packed = (torch.ops.quantized.linear_prepack(w, None), range_row)
             self.__dict__["_pack"] = packed
         return packed
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).float().contiguous()
-        y = torch.ops.quantized.linear_dynamic(x2, self._packed(), reduce_range())
+        packed, range_row = self._packed()
+        x2 = x.reshape(-1, self.in_features).float()
+        peak = x2.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30)  # an all-zero row stays zero
+        rows = torch.cat([x2 / peak, range_row])
+        y = torch.ops.quantized.linear_dynamic(rows, packed, reduce_range())[:-1].mul_(peak)
+        if self.bias is not None:
+            y = y.add_(self.bias)
         return y.view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + ", dynamic int8 activations"
+        return super().extra_repr() + ", dynamic int8 activations (a grid per row)"
 
 
 @functools.cache
