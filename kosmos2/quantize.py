@@ -41,6 +41,7 @@ bfloat16. config.json gains `"quantization_config": {"quant_method": "kosmos2_in
 from __future__ import annotations
 
 import functools
+import math
 import platform
 import warnings
 from collections.abc import Iterable
@@ -184,11 +185,9 @@ class Int8DynamicLinear(Int8Linear):
         shape = x.shape
         packed, range_row = self._packed()
         x2 = x.reshape(-1, self.in_features).float()
-        peak = x2.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30)  # an all-zero row stays zero
-        rows = torch.cat([x2 / peak, range_row])
-        y = torch.ops.quantized.linear_dynamic(rows, packed, reduce_range())[:-1].mul_(peak)
-        if self.bias is not None:
-            y = y.add_(self.bias)
+        peak = torch.linalg.vector_norm(x2, math.inf, dim=1, keepdim=True).clamp_(min=1e-30)  # 0 stays 0
+        y = torch.ops.quantized.linear_dynamic(torch.cat([x2 / peak, range_row]), packed, reduce_range())
+        y = y[:-1].mul_(peak) if self.bias is None else torch.addcmul(self.bias, y[:-1], peak)
         return y.view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
