@@ -3,6 +3,7 @@ unbatched rows; streaming equals generate; the n-gram blocker equals a brute-for
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -86,8 +87,20 @@ def test_matches_transformers(model, hf_model, num_beams):
         assert ours == ref
 
 
+@pytest.fixture(scope="module")
+def int8_dynamic_model(model):
+    from kosmos2.quantize import dynamic_available, prepare_model
+
+    if not dynamic_available():
+        pytest.skip("int8-dynamic needs FBGEMM (x86-64)")
+    return prepare_model(copy.deepcopy(model), "int8-dynamic")
+
+
 @pytest.mark.parametrize("options", [dict(), dict(num_beams=3), dict(no_repeat_ngram_size=0, num_beams=2)])
-def test_batched_rows_equal_unbatched(model, options):
+@pytest.mark.parametrize("dtype", ["float32", "int8-dynamic"])
+def test_batched_rows_equal_unbatched(request, dtype, options):
+    # int8-dynamic rounds activations per row: a row's answer must not depend on its batch-mates either
+    model = request.getfixturevalue("model" if dtype == "float32" else "int8_dynamic_model")
     torch.manual_seed(2)
     pixels = torch.randn(len(PROMPTS), 3, 28, 28)
     embeds = model.encode_image(pixels)
