@@ -29,7 +29,6 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from kosmos2.model import Kosmos2, make_positions
@@ -153,25 +152,16 @@ def _float32_text(model: Kosmos2) -> bool:
     return type(head) is torch.nn.Linear and head.weight.dtype == torch.float32
 
 
-@contextmanager
-def text_kernels(model: Kosmos2, decode: bool = False) -> Iterator[None]:
-    """The kernels of a decoder call: float32 linear layers through oneDNN (`onednn_linear`); with `decode`
-    (one new token per row) and a bfloat16 KV cache, attention through SDPA's math backend.
+def text_kernels(model: Kosmos2):
+    """The kernels of a decoder call: float32 linear layers through oneDNN (`onednn_linear`) where the
+    decoder has them; a context manager.
 
-    Why the math backend (benchmarks/README.md, "Decoding step"): for one query over a bfloat16 cache,
-    PyTorch's CPU flash-attention kernel took 215 us per layer over 111 keys and 549 us over 300 (2
-    threads), the math backend 131 and 223, at the same error against float64. For float32 caches flash is
-    the faster one and stays. The backend choice is process-wide in PyTorch
-    (`torch.nn.attention.sdpa_kernel`): a prefill running at the same moment in another thread would take
-    the math backend too (the same results, slower).
+    Measured and not adopted (benchmarks/README.md, "Decoding step"): for one query over a bfloat16 cache,
+    SDPA's math backend beat PyTorch's CPU flash kernel (131 against 215 us a layer over 111 keys, 223
+    against 549 over 300), but the only switch, `torch.nn.attention.sdpa_kernel`, is process-wide: a server
+    thread entering it while another leaves can leave every later call on the math backend.
     """
-    bf16_cache = decode and model.text_model.model.embed_tokens.weight.dtype == torch.bfloat16
-    with onednn_linear(_float32_text(model)):
-        if not bf16_cache:
-            yield
-            return
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
+    return onednn_linear(_float32_text(model))
 
 
 @torch.no_grad()
@@ -219,7 +209,7 @@ def prefill(
 def decode_one_token(model: Kosmos2, token: Tensor, slot: int, positions: Tensor) -> Tensor:
     """token [B,1] at cache slot `slot` with positions [B,1] -> next-token logits [B,V]."""
     input_pos = torch.tensor([slot], device=token.device)
-    with text_kernels(model, decode=True):
+    with text_kernels(model):
         return model.forward_cached(token, input_pos, positions)[:, -1].float()
 
 
@@ -592,7 +582,7 @@ def location_candidates(
         model.reorder_cache(expand)
         step_pos = positions[:, -1:].index_select(0, expand) + 1
         ul_tokens = (top_ul.reshape(-1, 1) + location_offset).to(ids.dtype)
-        with text_kernels(model, decode=True):
+        with text_kernels(model):
             lr_logits = model.forward_cached(ul_tokens, torch.tensor([T + 1], device=ids.device), step_pos)
         lr_logp = torch.log_softmax(lr_logits[:, -1].float(), dim=-1)[
             :, location_offset : location_offset + cells

@@ -349,9 +349,10 @@ def test_full_size_random_weights(tmp_path):
 @pytest.mark.parametrize("dtype", Q.DTYPES)
 def test_cached_decoding_with_its_kernels_equals_recomputing_the_whole_sequence(dtype):
     """`stream` decodes through the KV cache with the kernels `text_kernels` picks per dtype (oneDNN for
-    float32 linear layers only; SDPA's math backend for one query over a bfloat16 cache); greedy tokens must
-    equal those of plain full forwards over the growing sequence, which use neither choice."""
-    from kosmos2.generate import _float32_text, stream, text_kernels
+    float32 linear layers only); greedy tokens must equal those of plain full forwards over the growing
+    sequence. int8-dynamic failed this while it rounded each call on one grid (prefill's text rows shared
+    it with the image rows)."""
+    from kosmos2.generate import _float32_text, stream
     from kosmos2.model import Kosmos2
 
     torch.manual_seed(0)
@@ -361,11 +362,7 @@ def test_cached_decoding_with_its_kernels_equals_recomputing_the_whole_sequence(
             if p.dim() >= 2:
                 p.normal_(0, 0.3)
     model = Q.prepare_model(model, dtype)
-    assert _float32_text(model) == (dtype == "float32")
-    with text_kernels(model, decode=True):
-        flash = torch.backends.cuda.flash_sdp_enabled()
-    assert flash == (dtype in ("float32", "int8-dynamic"))  # float32 caches keep the flash kernel
-    assert torch.backends.cuda.flash_sdp_enabled()  # and the choice does not outlive the call
+    assert _float32_text(model) == (dtype == "float32")  # int8-dynamic computes in float32 without it
 
     ids = torch.tensor([[0, 64003, *range(4, 68), 64004, 64012, 100, 200]])
     image_mask = torch.tensor([[False, False] + [True] * 64 + [False] * 4])
