@@ -225,6 +225,13 @@ class ImageToTextProjection(nn.Module):
 # -- decoder: MAGNETO (sub-LN) transformer with a static KV cache -----------------------------------------
 
 
+_MATH_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_attention_math", None)
+
+
+def _one_query_bf16_cpu(q: Tensor, mask: Tensor | None) -> bool:
+    return q.shape[2] == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu" and mask is not None
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values of one decoder layer: [B, H, max_len, head_dim] each."""
 
@@ -263,9 +270,22 @@ class DecoderAttention(nn.Module):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         # q [B,H,T,hd], k and v [B,H,S,hd]; mask [B,1,T,S] bool or None (causal) -> [B,T,C], heads merged
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0
-        )
+        if _MATH_ATTENTION is not None and _one_query_bf16_cpu(q, mask) and not self.training:
+            # a decoding step over a bfloat16 cache on the CPU: PyTorch's flash kernel took 215 us a layer at
+            # batch 1 and 1,790 at batch 8 (111 keys, 2 threads), its math kernel 127 and 872, at the same
+            # error against float64 (benchmarks/README.md, "Decoding step"). Called directly: the switch
+            # `sdpa_kernel` is process-wide. It takes an additive mask.
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, -math.inf)
+            y = _MATH_ATTENTION(q, k, v, bias)[0]
+        else:
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=mask is None,
+                dropout_p=self.dropout if self.training else 0.0,
+            )
         B, H, T, hd = y.shape
         return y.transpose(1, 2).reshape(B, T, H * hd)
 

@@ -226,6 +226,28 @@ def test_bfloat16_model_runs_both_paths():
     assert torch.equal(cached, logits)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_one_query_bfloat16_attention_equals_float64_reference(batch):
+    """A decoding step over a bfloat16 cache on the CPU takes PyTorch's math kernel directly, with the
+    boolean mask made additive; it must equal masked softmax attention in float64 on the same inputs."""
+    from kosmos2.model import DecoderAttention
+
+    attn = DecoderAttention(tiny_config().text).eval()
+    g = torch.Generator().manual_seed(0)
+    H, S, hd = 4, 19, 16
+    q = torch.randn(batch, H, 1, hd, generator=g).bfloat16()
+    k = torch.randn(batch, H, S, hd, generator=g).bfloat16()
+    v = torch.randn(batch, H, S, hd, generator=g).bfloat16()
+    mask = torch.rand(batch, 1, 1, S, generator=g) < 0.6
+    mask[..., -1] = True  # the query always sees itself
+    y = attn._attend(q, k, v, mask)  # [B,1,H*hd]
+    scores = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(hd)
+    probs = scores.masked_fill(~mask, -math.inf).softmax(-1)
+    expected = (probs @ v.double()).transpose(1, 2).reshape(batch, 1, H * hd)
+    assert y.dtype == torch.bfloat16
+    assert (y.double() - expected).abs().max() <= 2**-7 * expected.abs().max()
+
+
 def test_reorder_cache_expands_rows_for_beams():
     model = random_model(tiny_config(), seed=6)
     ids = torch.tensor([[0, 10, 20, 30], [0, 40, 50, 60]])
