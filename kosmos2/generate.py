@@ -154,13 +154,8 @@ def _float32_text(model: Kosmos2) -> bool:
 
 def text_kernels(model: Kosmos2):
     """The kernels of a decoder call: float32 linear layers through oneDNN (`onednn_linear`) where the
-    decoder has them; a context manager.
-
-    Measured and not adopted (benchmarks/README.md, "Decoding step"): for one query over a bfloat16 cache,
-    SDPA's math backend beat PyTorch's CPU flash kernel (131 against 215 us a layer over 111 keys, 223
-    against 549 over 300), but the only switch, `torch.nn.attention.sdpa_kernel`, is process-wide: a server
-    thread entering it while another leaves can leave every later call on the math backend.
-    """
+    decoder has them; a context manager. (Attention's kernel for a decoding step over a bfloat16 cache is
+    chosen in the model: `DecoderAttention._attend`.)"""
     return onednn_linear(_float32_text(model))
 
 
