@@ -229,7 +229,14 @@ _MATH_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_attention_math", 
 
 
 def _one_query_bf16_cpu(q: Tensor, mask: Tensor | None) -> bool:
-    return q.shape[2] == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu" and mask is not None
+    """A decoding step (one query a row) over a bfloat16 cache on the CPU, with a boolean mask."""
+    return (
+        q.shape[2] == 1
+        and q.dtype == torch.bfloat16
+        and q.device.type == "cpu"
+        and mask is not None
+        and mask.dtype == torch.bool
+    )
 
 
 class KVCache(nn.Module):
