@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from kosmos2.config import Kosmos2Config
+from kosmos2.quantize import DTYPES
 
 GB = 1e9
 IMAGE_START, IMAGE_END, GROUNDING = 64003, 64004, 64012
@@ -85,13 +86,7 @@ def probe_bandwidth(x: torch.Tensor, repeats: int = 3) -> float:
     """Read bandwidth (bytes/s) of `x.sum()` over the float32 tensor `x` (256-512 MiB): best of `repeats`
     after one untimed pass. Short (~0.1 s), for measuring right beside a run: this machine's bandwidth
     drifts by 2x within minutes (benchmarks/README.md), so a bound measured at another time says little."""
-    x.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - start)
-    return x.numel() * x.element_size() / best
+    return x.numel() * x.element_size() / best_seconds(x.sum, repeats)
 
 
 def best_seconds(call, repeats: int) -> float:
@@ -455,7 +450,7 @@ def build_checkpoint(config: Kosmos2Config, directory: Path, seed: int) -> float
 DEFAULT_ARMS = (
     "ours:float32,ours:bfloat16,ours:int8,ours:int8-dynamic,transformers:float32,transformers:bfloat16"
 )
-OUR_DTYPES = ("float32", "bfloat16", "int8", "int8-dynamic")
+OUR_DTYPES = DTYPES  # kosmos2.quantize's: every dtype `prepare_model` takes
 
 
 def parse_arms(text: str) -> list[tuple[str, str]]:

@@ -433,7 +433,7 @@ class Predictor:
         path None: $KOSMOS2_MODEL if set, else the built-in default model shipped with the package.
         dtype: "float32", "bfloat16" (prepacked linear layers), "int8" (weight-only, per-channel scales;
         an int8 checkpoint loads as saved, a float one is quantised on load), "int8-dynamic" (the same int8
-        weights, activations quantised per call: FBGEMM's faster kernel), or torch.float32 /
+        weights, activations quantised per row: FBGEMM's faster kernel), or torch.float32 /
         torch.bfloat16; None: float32, or int8 for an int8 checkpoint (`kosmos2.quantize`).
         """
         from kosmos2.checkpoint import load_pretrained, quantization_config

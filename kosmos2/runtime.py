@@ -102,7 +102,7 @@ def add_runtime_arguments(
         choices=DTYPE_CHOICES,
         default=dtype_default,
         help="weights and compute: float32, bfloat16, int8 weight-only, or int8-dynamic (the same int8 "
-        "weights, activations quantised per call: faster on x86) (default: float32, or int8 for an int8 "
+        "weights, activations quantised per row: faster on x86) (default: float32, or int8 for an int8 "
         "checkpoint)",
     )
     parser.add_argument(
